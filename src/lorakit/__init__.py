@@ -1,0 +1,61 @@
+"""lorakit: LoRA for PyTorch models.
+
+One call converts a model's Linear, Conv1d/2d/3d, Embedding and transformers Conv1D layers into LoRA
+layers; adapters merge bit-exactly reversibly and use HuggingFace peft's names and format.
+"""
+
+from .config import LoraConfig
+from .errors import AdapterError, LoraConfigError, LoraError, MergeError, TargetError
+from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, register_lora_layer
+from .layers.modules_to_save import ModulesToSave
+from .model import (
+    active_adapters,
+    adapter_names,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    get_lora_model,
+    is_lora_model,
+    lora_layers,
+    merge,
+    merge_and_unload,
+    set_active_adapters,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from .peft_format import lora_state_dict
+from .targets import DEFAULT_TARGET_MODULES
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "AdapterError",
+    "LoraConfig",
+    "LoraConfigError",
+    "LoraConv",
+    "LoraEmbedding",
+    "LoraError",
+    "LoraLayer",
+    "LoraLinear",
+    "MergeError",
+    "ModulesToSave",
+    "TargetError",
+    "active_adapters",
+    "adapter_names",
+    "add_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "get_lora_model",
+    "is_lora_model",
+    "lora_layers",
+    "lora_state_dict",
+    "merge",
+    "merge_and_unload",
+    "register_lora_layer",
+    "set_active_adapters",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]

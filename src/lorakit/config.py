@@ -1,0 +1,229 @@
+"""`LoraConfig`: what to adapt and how, with HuggingFace peft's field names and meanings.
+
+`LoraConfig(**json.load(open("adapter_config.json")))` works on a config peft wrote: peft fields that
+lorakit does not model are dropped (silently when they hold peft's "off" value, with a warning otherwise),
+and fields that would change the adapter's math in a way lorakit does not implement raise a
+`LoraConfigError` instead of loading an adapter that would compute something else.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import LoraConfigError
+
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_MODES = (True, False, "gaussian")
+
+# peft fields that change what an adapter computes; lorakit refuses them rather than ignore them.
+_UNSUPPORTED_PEFT_FEATURES = (
+    "use_dora",
+    "target_parameters",
+    "layer_replication",
+    "alora_invocation_tokens",
+    "trainable_token_indices",
+    "arrow_config",
+    "use_bdlora",
+    "velora_config",
+    "kasa_config",
+    "monteclora_config",
+    "use_qalora",
+)
+
+
+@dataclass
+class LoraConfig:
+    """How to add one LoRA adapter to a model (peft's `LoraConfig` fields and meanings).
+
+    Attributes:
+        r: rank of the update `ΔW = s·B·A`, `A: (r, in)`, `B: (out, r)`.
+        lora_alpha: numerator of the scaling `s = lora_alpha / r` (`lora_alpha / sqrt(r)` with rsLoRA).
+        lora_dropout: dropout probability on the LoRA branch's input, in [0, 1).
+        target_modules: which modules to adapt. A string is a regex `re.fullmatch`ed against full module
+            names; a list matches names exactly or by a `"." + entry` suffix; `"all-linear"` means every
+            `Linear`/`Conv1D` except the output embedding. `None` uses the per-family defaults table.
+        exclude_modules: same forms as `target_modules`; checked first.
+        bias: `"none"`, `"all"` (train every bias) or `"lora_only"` (train the biases of adapted layers).
+        use_rslora: use `s = lora_alpha / sqrt(r)`.
+        init_lora_weights: `True` (A kaiming-uniform, B = 0), `"gaussian"` (A ~ N(0, 1/r), B = 0) or
+            `False` (both random; for tests).
+        modules_to_save: modules (names or suffixes) that get a full trainable copy, e.g. a classifier head.
+        rank_pattern, alpha_pattern: per-module overrides of `r` / `lora_alpha`; the first key (in dict
+            order) with `re.match(rf"(.*\\.)?({key})$", name)` wins.
+        fan_in_fan_out: the base weight is stored `(in, out)`. lorakit detects this from the layer type
+            (transformers `Conv1D`), so the field is kept only for peft compatibility.
+        layers_to_transform, layers_pattern: restrict list targets to these layer indices.
+        lora_bias: give B a bias (peft's `lora_bias`).
+        use_dora: not supported yet; `True` raises.
+        task_type, base_model_name_or_path, inference_mode: carried for peft compatibility.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    modules_to_save: list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    lora_bias: bool = False
+    use_dora: bool = False
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        _check_rank("r", self.r)
+        _check_alpha("lora_alpha", self.lora_alpha)
+        if (
+            not isinstance(self.lora_dropout, (int, float))
+            or isinstance(self.lora_dropout, bool)
+            or not (0.0 <= self.lora_dropout < 1.0)
+        ):
+            raise LoraConfigError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in BIAS_MODES:
+            raise LoraConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if not any(self.init_lora_weights is m or self.init_lora_weights == m for m in INIT_MODES) or (
+            isinstance(self.init_lora_weights, int) and not isinstance(self.init_lora_weights, bool)
+        ):
+            raise LoraConfigError(
+                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+            )
+        self.target_modules = _names("target_modules", self.target_modules)
+        self.exclude_modules = _names("exclude_modules", self.exclude_modules)
+        self.layers_pattern = _names("layers_pattern", self.layers_pattern)
+        if self.modules_to_save is not None:
+            self.modules_to_save = _names("modules_to_save", list(self.modules_to_save))
+        if not isinstance(self.rank_pattern, dict) or not isinstance(self.alpha_pattern, dict):
+            raise LoraConfigError("rank_pattern and alpha_pattern must be dicts of {pattern: value}")
+        for key, value in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{key!r}]", value)
+        for key, value in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{key!r}]", value)
+        layers = self.layers_to_transform
+        if layers is not None and not (
+            _is_int(layers) or (isinstance(layers, (list, tuple)) and all(_is_int(i) for i in layers))
+        ):
+            raise LoraConfigError(f"layers_to_transform must be an int or a list of ints, got {layers!r}")
+        if isinstance(layers, tuple):
+            self.layers_to_transform = list(layers)
+        for name in ("use_rslora", "fan_in_fan_out", "lora_bias", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise LoraConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.use_dora:
+            raise LoraConfigError("use_dora=True (DoRA) is not supported by lorakit yet")
+
+    def rank_for(self, module_name: str) -> int:
+        """The rank of the adapter on `module_name` (`rank_pattern` first, else `r`)."""
+        key = _pattern_key(self.rank_pattern, module_name)
+        return self.r if key is None else self.rank_pattern[key]
+
+    def alpha_for(self, module_name: str) -> float:
+        """The alpha of the adapter on `module_name` (`alpha_pattern` first, else `lora_alpha`)."""
+        key = _pattern_key(self.alpha_pattern, module_name)
+        return self.lora_alpha if key is None else self.alpha_pattern[key]
+
+    def scaling_for(self, module_name: str) -> float:
+        """`s = alpha / r`, or `alpha / sqrt(r)` with `use_rslora`, for `module_name`."""
+        r = self.rank_for(module_name)
+        alpha = self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON-ready values."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> LoraConfig:
+        """A validated copy with `changes` applied."""
+        values = self.to_dict()
+        values.update(changes)
+        return LoraConfig(**values)
+
+
+def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
+    import re
+
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_rank(name: str, value: Any) -> None:
+    if not _is_int(value) or value <= 0:
+        raise LoraConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_alpha(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0) or math.isinf(value):
+        raise LoraConfigError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _names(name: str, value: Any) -> list[str] | str | None:
+    """Normalise a target-like field: None, a regex string, or a sorted-as-given list of strings."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (set, frozenset)):
+        value = sorted(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise LoraConfigError(f"{name} must be a string, a list of strings or None, got {value!r}")
+
+
+def _is_off(value: Any) -> bool:
+    """Whether a peft field holds its "feature off" value (None, False, empty)."""
+    return value is None or value is False or (isinstance(value, (str, list, dict, tuple)) and len(value) == 0)
+
+
+_KNOWN_FIELDS = frozenset(f.name for f in fields(LoraConfig))
+# Fields peft always writes that carry no meaning for the adapter's math.
+_INERT_PEFT_FIELDS = frozenset(
+    {
+        "peft_type",
+        "peft_version",
+        "auto_mapping",
+        "revision",
+        "megatron_core",
+        "qalora_group_size",
+        "loftq_config",
+        "eva_config",
+        "corda_config",
+        "lora_ga_config",
+        "ensure_weight_tying",
+        "megatron_config",
+    }
+)
+_generated_init = LoraConfig.__init__
+
+
+@functools.wraps(_generated_init)
+def _init_accepting_peft_fields(self: LoraConfig, **kwargs: Any) -> None:
+    extra = {key: kwargs.pop(key) for key in list(kwargs) if key not in _KNOWN_FIELDS}
+    peft_type = extra.get("peft_type")
+    if peft_type is not None and str(peft_type).upper() not in ("LORA", "PEFTTYPE.LORA"):
+        raise LoraConfigError(f"peft_type is {peft_type!r}; lorakit's LoraConfig reads 'LORA' adapters only")
+    for key in _UNSUPPORTED_PEFT_FEATURES:
+        if key in extra and not _is_off(extra[key]):
+            raise LoraConfigError(f"{key}={extra[key]!r} is a peft feature lorakit does not support yet")
+    unknown = sorted(k for k, v in extra.items() if k not in _INERT_PEFT_FIELDS and not _is_off(v))
+    if unknown:
+        warnings.warn(f"LoraConfig ignores unknown fields: {', '.join(unknown)}", stacklevel=2)
+    _generated_init(self, **kwargs)
+
+
+LoraConfig.__init__ = _init_accepting_peft_fields  # type: ignore[method-assign]

@@ -1,0 +1,236 @@
+"""`LoraLayer`: the state and operations every LoRA layer shares.
+
+A LoRA layer wraps a frozen `base_layer` and holds any number of named adapters. Each kind of layer (one
+short file each: `linear.py`, `embedding.py`, `conv.py`) supplies only its math:
+
+- `create_adapter(name, r)`: make the adapter's parameters (float32 master weights on the base's device),
+  stored under `name` in the containers listed in `adapter_containers` (`ModuleDict`/`ParameterDict`);
+- `reset_adapter(name, init)`: initialise them (`True`, `"gaussian"` or `False`);
+- `add_adapter_output(result, x, name)`: `result + s · branch(x)`, the branch computed in `x`'s dtype;
+- `delta_weights(name)`: `{base parameter name: ΔW}`, what merging adds to the base parameters.
+
+Everything else (the adapter registry of the layer, activation, disabling, exact merge and unmerge)
+lives here once. The parameter names follow peft (`lora_A.<adapter>.weight`), so a lorakit model's
+`state_dict` reads like a peft model's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig
+from ..errors import AdapterError, MergeError
+from .exact import MergeResidual, merge_exactly, merged_value, unmerge_exactly
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Master-weight dtype of an adapter on a base of `base_dtype`: float32, or wider if the base is."""
+    if not base_dtype.is_floating_point:
+        return torch.float32
+    return torch.promote_types(base_dtype, torch.float32)
+
+
+class LoraLayer(nn.Module):
+    """Base class of LoRA layers: a frozen `base_layer` plus named low-rank adapters.
+
+    Subclass it to add LoRA to a module type of your own, then `lorakit.register_lora_layer(YourModule,
+    YourLoraLayer)`; see the README's "Your own layer types". The constructor takes the base module only.
+    """
+
+    #: Names of the per-adapter containers (`nn.ModuleDict` or `nn.ParameterDict`) a subclass creates.
+    #: Their entries, keyed by adapter name, are the adapter's parameters; `lora_state_dict` saves them
+    #: under `<module path>.<container>[.<param>]`, peft's key layout.
+    adapter_containers: tuple[str, ...] = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout_p: dict[str, float] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        # Adapters whose branch the forward computes: active, not merged, not disabled. Kept as a list
+        # so the forward does no bookkeeping (and torch.compile guards on a plain list).
+        self._forward_adapters: list[str] = []
+        self._residuals: dict[str, MergeResidual] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        # Code written for the wrapped module (`layer.weight`, `layer.in_features`) keeps working.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    # ----- what a subclass provides -------------------------------------------------------------------
+
+    def create_adapter(self, name: str, r: int, config: LoraConfig) -> None:
+        """Create adapter `name`'s parameters of rank `r` in the `adapter_containers`."""
+        raise NotImplementedError
+
+    def reset_adapter(self, name: str, init: bool | str) -> None:
+        """Initialise adapter `name`: `True` A kaiming-uniform(a=√5) and B = 0; `"gaussian"` A ~ N(0, 1/r)
+        and B = 0; `False` both random. The default handles `lora_A`/`lora_B` modules with a `.weight`."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        if init is False:
+            nn.init.kaiming_uniform_(a.weight, a=5**0.5)
+            nn.init.kaiming_uniform_(b.weight, a=5**0.5)
+            if getattr(b, "bias", None) is not None:
+                nn.init.uniform_(b.bias, -0.1, 0.1)
+            return
+        if init == "gaussian":
+            nn.init.normal_(a.weight, std=1 / self.r[name])
+        else:
+            nn.init.kaiming_uniform_(a.weight, a=5**0.5)
+        nn.init.zeros_(b.weight)
+        if getattr(b, "bias", None) is not None:
+            nn.init.zeros_(b.bias)
+
+    def add_adapter_output(self, result: Any, x: torch.Tensor, name: str) -> Any:
+        """Return `result + s · B(A(dropout(x)))` for adapter `name`."""
+        raise NotImplementedError
+
+    def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
+        """`{base parameter name: ΔW}` for adapter `name`, in float32 (or wider), scaling included."""
+        raise NotImplementedError
+
+    def check_mergeable(self, name: str) -> None:
+        """Raise `MergeError` if adapter `name` cannot be merged into this base layer."""
+        if self.lora_bias.get(name) and getattr(self.base_layer, "bias", None) is None:
+            raise MergeError(
+                f"adapter {name!r} has lora_bias=True but the base {type(self.base_layer).__name__} has no bias "
+                "to merge it into"
+            )
+
+    # ----- adapters -----------------------------------------------------------------------------------
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, config: LoraConfig) -> None:
+        """Add adapter `name` of rank `r` (inactive) and initialise it per `config.init_lora_weights`."""
+        if name in self.r:
+            raise AdapterError(f"adapter {name!r} already exists on this {type(self).__name__}")
+        self.r[name] = r
+        self.lora_alpha[name] = lora_alpha
+        self.scaling[name] = lora_alpha / r**0.5 if config.use_rslora else lora_alpha / r
+        self.lora_dropout_p[name] = float(config.lora_dropout)
+        self.lora_bias[name] = bool(config.lora_bias)
+        self.create_adapter(name, r, config)
+        self.reset_adapter(name, config.init_lora_weights)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise AdapterError(f"adapter {name!r} is merged; unmerge it before deleting it")
+        for container in self.adapter_containers:
+            holder = getattr(self, container)
+            if name in holder:
+                del holder[name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p, self.lora_bias):
+            table.pop(name, None)
+        self.set_active([a for a in self.active_adapters if a != name])
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """Adapter `name`'s parameters keyed `<container>[.<param>]` (peft's names, adapter name removed)."""
+        params: dict[str, nn.Parameter] = {}
+        for container in self.adapter_containers:
+            holder = getattr(self, container)
+            if name not in holder:
+                continue
+            item = holder[name]
+            if isinstance(item, nn.Parameter):
+                params[container] = item
+            else:
+                for param_name, param in item.named_parameters():
+                    params[f"{container}.{param_name}"] = param
+        return params
+
+    def set_active(self, names: list[str]) -> None:
+        """Make `names` (those this layer has) the active adapters, in order."""
+        self.active_adapters = [n for n in names if n in self.r]
+        self._refresh()
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._forward_adapters = (
+            [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
+        )
+
+    # ----- forward ------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._forward_adapters:
+            result = self.add_adapter_output(result, x, name)
+        return result
+
+    # ----- merge --------------------------------------------------------------------------------------
+
+    def _summed_deltas(self, names: list[str]) -> dict[str, torch.Tensor]:
+        total: dict[str, torch.Tensor] = {}
+        for name in names:
+            for param_name, delta in self.delta_weights(name).items():
+                total[param_name] = total[param_name] + delta if param_name in total else delta
+        return total
+
+    def _base_param(self, param_name: str) -> torch.Tensor:
+        return self.base_layer.get_parameter(param_name)
+
+    def check_merge_finite(self, names: list[str]) -> None:
+        """Raise `MergeError` if merging `names` would put a non-finite value in a base parameter."""
+        with torch.no_grad():
+            for param_name, delta in self._summed_deltas(self.merged_adapters + names).items():
+                if not torch.isfinite(merged_value(self._base_param(param_name), delta)).all():
+                    raise MergeError(f"merging adapters {names} gives non-finite values in {param_name!r}")
+
+    def merge(self, names: list[str]) -> None:
+        """Merge adapters `names` into the base parameters. Already merged ones are skipped (a no-op).
+
+        The layer keeps one merged state, `W' = round(W + Σ ΔW_i)`, with one residual that restores `W`
+        exactly; merging more adapters restores `W` first and merges the union.
+        """
+        names = [n for n in names if n in self.r and n not in self.merged_adapters]
+        if not names:
+            return
+        for name in names:
+            self.check_mergeable(name)
+        with torch.no_grad():
+            if self.merged_adapters:
+                self._restore()
+            merged = self.merged_adapters + names
+            for param_name, delta in self._summed_deltas(merged).items():
+                self._residuals[param_name] = merge_exactly(self._base_param(param_name).data, delta)
+        self.merged_adapters = merged
+        self._refresh()
+
+    def unmerge(self) -> None:
+        """Restore the base parameters bit for bit. A no-op when nothing is merged."""
+        if not self.merged_adapters:
+            return
+        with torch.no_grad():
+            self._restore()
+        self.merged_adapters = []
+        self._refresh()
+
+    def _restore(self) -> None:
+        for param_name, delta in self._summed_deltas(self.merged_adapters).items():
+            unmerge_exactly(self._base_param(param_name).data, delta, self._residuals.pop(param_name))
+
+    def merge_residual_bytes(self) -> int:
+        """Extra memory held while merged, to restore the weights exactly."""
+        return sum(r.nbytes for r in self._residuals.values())
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"

@@ -1,0 +1,80 @@
+"""LoRA for `nn.Conv1d`, `nn.Conv2d` and `nn.Conv3d`.
+
+A is a convolution `in → r` with the base's kernel size, stride, padding, dilation and padding mode; B is a
+1×1 convolution `r → out` (with the base's `groups`). Shapes for a base weight `W: (out, in/groups, *k)`:
+`A: (r, in, *k)`, `B: (out, r/groups, 1, …)`.
+
+    y  = base(x) + s · B(A(dropout(x)))
+    ΔW = s · (B.flatten(1) @ A.flatten(1)).view_as(W)          when every kernel size is 1
+    ΔW = s · convNd(A.transpose(0, 1), B).transpose(0, 1)      otherwise
+
+`B ∘ A` is itself a convolution with A's stride, padding and dilation, so ΔW merges exactly into W. With
+`groups > 1` it is not of W's grouped shape: training, saving and loading work, merging raises.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LoraConfig
+from ..errors import LoraConfigError, MergeError
+from .base import LoraLayer, adapter_dtype
+
+_CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+class LoraConv(LoraLayer):
+    """LoRA around an `nn.Conv1d`, `nn.Conv2d` or `nn.Conv3d`."""
+
+    def __init__(self, base_layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
+        super().__init__(base_layer)
+        self.conv_type = next(t for t in _CONV_FN if isinstance(base_layer, t))
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def create_adapter(self, name: str, r: int, config: LoraConfig) -> None:
+        base = self.base_layer
+        if r % base.groups:
+            raise LoraConfigError(
+                f"rank {r} is not divisible by the conv's groups={base.groups}; choose a multiple of {base.groups}"
+            )
+        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
+        self.lora_A[name] = self.conv_type(
+            base.in_channels, r, base.kernel_size, stride=base.stride, padding=base.padding,
+            dilation=base.dilation, padding_mode=base.padding_mode, bias=False, **factory,
+        )  # fmt: skip
+        self.lora_B[name] = self.conv_type(
+            r, base.out_channels, 1, groups=base.groups, bias=config.lora_bias, **factory
+        )
+
+    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        p = self.lora_dropout_p[name]
+        if p and self.training:
+            x = F.dropout(x, p, training=True)
+        a, b = self.lora_A[name], self.lora_B[name]
+        hidden = a._conv_forward(x, a.weight.to(x.dtype), None)
+        out = b._conv_forward(hidden, b.weight.to(x.dtype), None if b.bias is None else b.bias.to(x.dtype))
+        return result + out * self.scaling[name]
+
+    def check_mergeable(self, name: str) -> None:
+        super().check_mergeable(name)
+        if self.base_layer.groups > 1:
+            raise MergeError(
+                f"adapter {name!r} cannot be merged into a {self.conv_type.__name__} with "
+                f"groups={self.base_layer.groups}: its update is not a grouped convolution"
+            )
+
+    def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        s = self.scaling[name]
+        weight = self.base_layer.weight
+        if all(k == 1 for k in weight.shape[2:]):
+            delta = (b.flatten(1) @ a.flatten(1)).view(weight.shape) * s
+        else:
+            delta = _CONV_FN[self.conv_type](a.transpose(0, 1), b).transpose(0, 1) * s
+        deltas = {"weight": delta}
+        if self.lora_B[name].bias is not None:
+            deltas["bias"] = self.lora_B[name].bias * s
+        return deltas

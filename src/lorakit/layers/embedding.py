@@ -1,0 +1,65 @@
+"""LoRA for `nn.Embedding`.
+
+Shapes: `ids: (...)` integers, `A: (r, num_embeddings)`, `B: (embedding_dim, r)`; no dropout.
+
+    y  = base(ids) + s · embedding(ids, A.T) @ B.T      (padding_idx, max_norm… as the base)
+    ΔW = s · (B @ A).T                                    (weight `(num_embeddings, embedding_dim)`)
+
+Default init is the reverse of Linear's: A = 0, B ~ N(0, 1) (peft and the LoRA paper's reference code).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LoraConfig
+from ..errors import LoraConfigError
+from .base import LoraLayer, adapter_dtype
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around an `nn.Embedding`."""
+
+    adapter_containers = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.num_embeddings, self.embedding_dim = base_layer.weight.shape
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def create_adapter(self, name: str, r: int, config: LoraConfig) -> None:
+        if config.lora_bias:
+            raise LoraConfigError("lora_bias=True is not supported on an Embedding layer")
+        weight = self.base_layer.weight
+        factory = {"device": weight.device, "dtype": adapter_dtype(weight.dtype)}
+        self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, self.num_embeddings, **factory))
+        self.lora_embedding_B[name] = nn.Parameter(torch.empty(self.embedding_dim, r, **factory))
+
+    def reset_adapter(self, name: str, init: bool | str) -> None:
+        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        if init is False:
+            nn.init.normal_(a)
+        else:
+            nn.init.zeros_(a)
+        nn.init.normal_(b)
+
+    def add_adapter_output(self, result: torch.Tensor, ids: torch.Tensor, name: str) -> torch.Tensor:
+        base = self.base_layer
+        dtype = result.dtype
+        hidden = F.embedding(
+            ids,
+            self.lora_embedding_A[name].T.to(dtype),
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
+        )
+        return result + (hidden @ self.lora_embedding_B[name].T.to(dtype)) * self.scaling[name]
+
+    def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
+        delta = self.lora_embedding_B[name] @ self.lora_embedding_A[name]
+        return {"weight": delta.T * self.scaling[name]}

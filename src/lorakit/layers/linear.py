@@ -1,0 +1,62 @@
+"""LoRA for `nn.Linear` and transformers' `Conv1D` (a linear layer whose weight is stored `(in, out)`).
+
+Shapes: `x: (..., in)`, `A: (r, in)`, `B: (out, r)`, `s = alpha / r` (or `alpha / sqrt(r)`).
+
+    y  = base(x) + s · (dropout(x) @ A.T) @ B.T  (+ s · b_B with lora_bias)
+    ΔW = s · B @ A            for nn.Linear (weight `(out, in)`)
+    ΔW = s · (B @ A).T        for Conv1D    (weight `(in, out)`, "fan_in_fan_out")
+
+A and B are float32 master weights; the branch runs in the activation dtype, so a bfloat16 model runs a
+bfloat16 branch (as autocast would) while the optimizer updates float32 values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LoraConfig
+from .base import LoraLayer, adapter_dtype
+
+
+def is_transformers_conv1d(module: nn.Module) -> bool:
+    """Whether `module` is transformers' `Conv1D`, checked without importing transformers."""
+    return any(cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.") for cls in type(module).__mro__)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around an `nn.Linear` or a transformers `Conv1D`."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = is_transformers_conv1d(base_layer)
+        weight = base_layer.weight
+        self.in_features, self.out_features = (
+            weight.shape if self.fan_in_fan_out else (weight.shape[1], weight.shape[0])
+        )
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def create_adapter(self, name: str, r: int, config: LoraConfig) -> None:
+        weight = self.base_layer.weight
+        factory = {"device": weight.device, "dtype": adapter_dtype(weight.dtype)}
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **factory)
+
+    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        p = self.lora_dropout_p[name]
+        if p and self.training:
+            x = F.dropout(x, p, training=True)
+        b = self.lora_B[name]
+        hidden = F.linear(x, self.lora_A[name].weight.to(x.dtype))
+        out = F.linear(hidden, b.weight.to(x.dtype), None if b.bias is None else b.bias.to(x.dtype))
+        return result + out * self.scaling[name]
+
+    def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
+        a, b = self.lora_A[name], self.lora_B[name]
+        delta = (b.weight @ a.weight) * self.scaling[name]
+        deltas = {"weight": delta.T if self.fan_in_fan_out else delta}
+        if b.bias is not None:
+            deltas["bias"] = b.bias * self.scaling[name]
+        return deltas

@@ -1,0 +1,352 @@
+"""Model-wide operations: convert a model, manage its adapters, merge and unmerge, unload.
+
+A LoRA model is the user's own model object, converted in place: targeted modules are replaced by LoRA
+layers wrapping them (`q_proj` becomes a `LoraLinear` whose `base_layer` is the original `nn.Linear`), and a
+small `LoraState` object records each adapter's resolved config and which adapters are active. The model's
+class does not change, so `generate()`, `save_pretrained()`, `Trainer` and `torch.compile` keep working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterError, LoraError, MergeError
+from .layers import LoraLayer, lora_layer_type_for
+from .layers.modules_to_save import ModulesToSave
+from .targets import candidate_modules, find_targets, resolve_config
+
+BASE_ADAPTER_NAME = "__base__"  # reserved: "no adapter" in mixed batches
+_STATE_ATTR = "_lorakit_state"
+
+
+@dataclass
+class LoraState:
+    """What a LoRA model knows about its adapters beyond its layers."""
+
+    configs: dict[str, LoraConfig] = field(default_factory=dict)  # resolved: explicit target lists
+    active: list[str] = field(default_factory=list)
+    trainable: dict[str, bool] = field(default_factory=dict)
+
+
+def lora_state(model: nn.Module) -> LoraState:
+    """The model's `LoraState`; `LoraError` if `model` is not a LoRA model."""
+    state = getattr(model, _STATE_ATTR, None)
+    if not isinstance(state, LoraState):
+        raise LoraError(f"{type(model).__name__} is not a LoRA model; convert it with lorakit.get_lora_model")
+    return state
+
+
+def is_lora_model(model: nn.Module) -> bool:
+    return isinstance(getattr(model, _STATE_ATTR, None), LoraState)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """Every `(name, LoraLayer)` of the model, each layer once."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def _adapter_modules(model: nn.Module) -> Iterator[LoraLayer | ModulesToSave]:
+    for module in model.modules():
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            yield module
+
+
+# ----- conversion ---------------------------------------------------------------------------------------
+
+
+def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+    """Convert `model` in place to a LoRA model with one active, trainable adapter; return `model`.
+
+    Every parameter of the model is frozen except the adapter's, the copies in `config.modules_to_save`
+    and, per `config.bias`, biases. The model's class is unchanged.
+    """
+    if is_lora_model(model):
+        raise LoraError(f"{type(model).__name__} is already a LoRA model; use lorakit.add_adapter for another")
+    state = LoraState()
+    _add_adapter(model, state, adapter_name, config)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    setattr(model, _STATE_ATTR, state)  # a plain attribute: not a module, not in state_dict
+    set_active_adapters(model, adapter_name)
+    return model
+
+
+def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig, trainable: bool = True) -> None:
+    """Add another adapter to a LoRA model. It is inactive until `set_active_adapters` names it."""
+    state = lora_state(model)
+    _add_adapter(model, state, adapter_name, config, trainable)
+    _update_trainable(model, state)
+
+
+def _check_new_name(state: LoraState, name: object) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise AdapterError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    if name == BASE_ADAPTER_NAME:
+        raise AdapterError(f"adapter name {BASE_ADAPTER_NAME!r} is reserved for 'no adapter'")
+    if name in state.configs:
+        raise AdapterError(f"adapter {name!r} already exists; choose another name or delete_adapter it first")
+
+
+def _add_adapter(model: nn.Module, state: LoraState, name: str, config: LoraConfig, trainable: bool = True) -> None:
+    _check_new_name(state, name)
+    if not isinstance(config, LoraConfig):
+        raise LoraError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
+    config = resolve_config(model, config)
+    targets = find_targets(model, config)
+    saved = _find_modules_to_save(model, config)
+    parents = _parent_index(model)
+    touched: list[LoraLayer | ModulesToSave] = []
+    wrapped: list[tuple[nn.Module, LoraLayer | ModulesToSave]] = []
+    try:
+        for module_name, module in targets:
+            if isinstance(module, LoraLayer):
+                layer = module
+            else:
+                layer = lora_layer_type_for(module)(module)
+                _replace(parents, module, layer)
+                wrapped.append((module, layer))
+                module.requires_grad_(False)
+            layer.add_adapter(name, config.rank_for(module_name), config.alpha_for(module_name), config)
+            touched.append(layer)
+        for module in saved:
+            if not isinstance(module, ModulesToSave):
+                wrapper = ModulesToSave(module)
+                _replace(parents, module, wrapper)
+                wrapped.append((module, wrapper))
+                module.requires_grad_(False)
+                module = wrapper
+            module.add_adapter(name)
+            touched.append(module)
+    except Exception:
+        for module in touched:
+            if name in module.adapter_names:
+                module.delete_adapter(name)
+        for original, wrapper in reversed(wrapped):
+            _replace(parents, wrapper, original)
+        raise
+    state.configs[name] = config
+    state.trainable[name] = trainable
+
+
+def _find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[nn.Module]:
+    if not config.modules_to_save:
+        return []
+    found = [
+        module
+        for name, module in candidate_modules(model)
+        if not isinstance(module, LoraLayer)
+        and any(name == entry or name.endswith("." + entry) for entry in config.modules_to_save)
+    ]
+    found += [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, ModulesToSave)
+        and any(name == entry or name.endswith("." + entry) for entry in config.modules_to_save)
+    ]
+    if not found:
+        raise LoraError(f"modules_to_save={config.modules_to_save} matched no module of the model")
+    return found
+
+
+def _parent_index(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """`id(child) → [(parent, attribute)]` over every path, so a module shared by two parents is replaced
+    in both."""
+    index: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for attr, child in parent._modules.items():
+            if child is not None:
+                index.setdefault(id(child), []).append((parent, attr))
+    return index
+
+
+def _replace(parents: dict[int, list[tuple[nn.Module, str]]], old: nn.Module, new: nn.Module) -> None:
+    for parent, attr in parents.get(id(old), []):
+        setattr(parent, attr, new)
+    parents[id(new)] = parents.pop(id(old), [])
+
+
+# ----- adapters -----------------------------------------------------------------------------------------
+
+
+def _known(state: LoraState, names: str | Sequence[str]) -> list[str]:
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        if name not in state.configs:
+            raise AdapterError(f"unknown adapter {name!r}; this model has {sorted(state.configs)}")
+    return names
+
+
+def set_active_adapters(model: nn.Module, adapter_names: str | Sequence[str]) -> None:
+    """Make one adapter, or several (their outputs add up, in this order), the active ones.
+
+    Active trainable adapters get `requires_grad=True`, the others `False`.
+    """
+    state = lora_state(model)
+    names = _known(state, adapter_names)
+    if any(layer.merged_adapters for _, layer in lora_layers(model)):
+        raise MergeError("the model has merged adapters; unmerge it before changing the active adapters")
+    state.active = names
+    for module in _adapter_modules(model):
+        module.set_active(names)
+    _update_trainable(model, state)
+
+
+def _update_trainable(model: nn.Module, state: LoraState) -> None:
+    for module in _adapter_modules(model):
+        for name in module.adapter_names:
+            train = name in state.active and state.trainable.get(name, False)
+            for param in module.adapter_parameters(name).values():
+                param.requires_grad_(train)
+    bias_modes = {state.configs[n].bias for n in state.active if state.trainable.get(n)}
+    if "all" in bias_modes:
+        for name, param in model.named_parameters():
+            if name.rsplit(".", 1)[-1] == "bias" and ".original_module." not in f".{name}":
+                param.requires_grad_(True)
+    elif "lora_only" in bias_modes:
+        for _, layer in lora_layers(model):
+            bias = getattr(layer.base_layer, "bias", None)
+            if isinstance(bias, nn.Parameter):
+                bias.requires_grad_(True)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model only, inside the `with` block; restore the previous state after, also on errors.
+
+    Merged layers are unmerged (exactly) on entry and merged again on exit.
+    """
+    lora_state(model)
+    modules = list(_adapter_modules(model))
+    was_disabled = {id(m): m.disabled for m in modules}
+    merged = [(layer, list(layer.merged_adapters)) for layer in modules if getattr(layer, "merged_adapters", None)]
+    for layer, _ in merged:
+        layer.unmerge()
+    for module in modules:
+        module.set_disabled(True)
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.set_disabled(was_disabled[id(module)])
+        for layer, names in merged:
+            layer.merge(names)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove an adapter and its parameters. Deleting a merged adapter is an error: unmerge first."""
+    state = lora_state(model)
+    _known(state, adapter_name)
+    for name, layer in lora_layers(model):
+        if adapter_name in layer.merged_adapters:
+            raise AdapterError(f"adapter {adapter_name!r} is merged (in {name!r}); unmerge before deleting it")
+    for module in _adapter_modules(model):
+        module.delete_adapter(adapter_name)
+    del state.configs[adapter_name]
+    state.trainable.pop(adapter_name, None)
+    state.active = [n for n in state.active if n != adapter_name]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The model's adapters, in the order they were added."""
+    return list(lora_state(model).configs)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(lora_state(model).active)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """`(trainable, total)` parameter counts (each shared parameter counted once)."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# ----- merge ----------------------------------------------------------------------------------------------
+
+
+def merge(model: nn.Module, adapter_names: Sequence[str] | str | None = None, safe: bool = False) -> None:
+    """Merge adapters (the active ones by default) into the base weights; the forward then costs the base's.
+
+    Already merged adapters are skipped: merging is idempotent. Everything that could fail is checked
+    before any weight is written: a merge that cannot be represented (a grouped conv, `lora_bias` on a
+    layer without bias), a weight shared with another module (tied weights), and with `safe=True` any
+    non-finite result. While merged, each merged weight element costs about one extra byte, kept so that
+    `unmerge` restores the original bits exactly.
+    """
+    state = lora_state(model)
+    names = state.active if adapter_names is None else _known(state, adapter_names)
+    layers = [(n, layer) for n, layer in lora_layers(model) if any(a in layer.r for a in names)]
+    owners = _parameter_owners(model)
+    for layer_name, layer in layers:
+        layer_names = [a for a in names if a in layer.r and a not in layer.merged_adapters]
+        for adapter in layer_names:
+            layer.check_mergeable(adapter)
+        if layer_names:
+            _check_not_tied(layer_name, layer, owners)
+        if safe and layer_names:
+            layer.check_merge_finite(layer_names)
+    for _, layer in layers:
+        layer.merge([a for a in names if a in layer.r])
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, list[nn.Module]]:
+    owners: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(module)
+    return owners
+
+
+def _check_not_tied(layer_name: str, layer: LoraLayer, owners: dict[int, list[nn.Module]]) -> None:
+    for param_name, param in layer.base_layer.named_parameters(recurse=False):
+        if len(owners.get(id(param), [])) > 1:
+            raise MergeError(
+                f"cannot merge into {layer_name}.{param_name}: that parameter is shared with another module "
+                "(tied weights), which merging would silently change too. Untie the weights first or keep "
+                "this adapter unmerged."
+            )
+
+
+def unmerge(model: nn.Module) -> None:
+    """Restore every merged weight bit for bit. A no-op on a model with nothing merged."""
+    lora_state(model)
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | str | None = None) -> nn.Module:
+    """Merge adapters into the base weights and replace every LoRA layer by its plain base module.
+
+    `modules_to_save` wrappers become the active adapter's trained copy. Returns `model`, a plain model again.
+    """
+    merge(model, adapter_names)
+    return _unwrap(model, keep_trained_copies=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Drop every adapter (unmerging first) and put the original modules back. Returns `model`."""
+    unmerge(model)
+    return _unwrap(model, keep_trained_copies=False)
+
+
+def _unwrap(model: nn.Module, keep_trained_copies: bool) -> nn.Module:
+    lora_state(model)
+    parents = _parent_index(model)
+    for wrapper in list(_adapter_modules(model)):
+        if isinstance(wrapper, LoraLayer):
+            replacement = wrapper.base_layer
+            wrapper._residuals.clear()
+        elif keep_trained_copies and wrapper.active_adapters:
+            replacement = wrapper.modules_to_save[wrapper.active_adapters[0]]
+        else:
+            replacement = wrapper.original_module
+        _replace(parents, wrapper, replacement)
+    delattr(model, _STATE_ATTR)
+    return model

@@ -1,0 +1,175 @@
+"""Which modules an adapter goes on: peft's matching rules, `"all-linear"`, and per-family defaults."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from .config import LoraConfig
+from .errors import TargetError
+from .layers import LoraLayer, lora_layer_type_for
+from .layers.linear import is_transformers_conv1d
+from .layers.modules_to_save import ModulesToSave
+
+ALL_LINEAR = "all-linear"
+
+#: `target_modules=None` uses this table, keyed by `model.config.model_type`. Attention's query and value
+#: projections are the LoRA paper's choice and peft's defaults; models that fuse q, k and v into one
+#: projection get that projection; resnet (no attention) gets its convolutions.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "falcon": ["query_key_value"],
+    "bert": ["query", "value"],
+    "stablelm": ["q_proj", "v_proj"],
+    "t5": ["q", "v"],
+    "dinov2": ["query", "value"],
+    "resnet": ["convolution"],
+    "mpt": ["Wqkv"],
+    "blip": ["qkv", "query", "value"],
+    "gpt_bigcode": ["c_attn"],
+}
+
+# Heads that "all-linear" leaves alone for sequence classification (peft's list).
+_SEQ_CLS_HEADS = ("classifier", "score")
+
+
+def _matches(pattern: list[str] | str, name: str) -> bool:
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return name in pattern or any(name.endswith("." + entry) for entry in pattern)
+
+
+def _layer_index(config: LoraConfig, name: str) -> int | None:
+    patterns = config.layers_pattern
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def _in_layers(config: LoraConfig, name: str) -> bool:
+    layers = config.layers_to_transform
+    if layers is None or (isinstance(layers, list) and not layers):
+        return True
+    index = _layer_index(config, name)
+    if index is None:
+        return False
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def is_targeted(config: LoraConfig, name: str) -> bool:
+    """peft's rule: excluded first; a regex fullmatches; a list matches exactly or as a suffix."""
+    if config.exclude_modules and _matches(config.exclude_modules, name):
+        return False
+    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save):
+        return False
+    targets = config.target_modules
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    if name in targets:
+        return True
+    return any(name.endswith("." + entry) for entry in targets) and _in_layers(config, name)
+
+
+def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules a target may be: LoRA layers themselves, never their insides or saved copies."""
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in skip):
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            skip.append(name + ".")
+            if isinstance(module, ModulesToSave):
+                continue
+        yield name, module
+
+
+def _output_embedding_names(model: nn.Module, config: LoraConfig) -> set[str]:
+    names: set[str] = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    heads = [output] if output is not None else []
+    if output is None and str(config.task_type or "").upper() == "SEQ_CLS":
+        heads = [getattr(model, h) for h in _SEQ_CLS_HEADS if isinstance(getattr(model, h, None), nn.Module)]
+    for name, module in model.named_modules():
+        if any(module is head for head in heads):
+            names.add(name)
+    return names
+
+
+def expand_all_linear(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """Replace `target_modules="all-linear"` by the explicit list of Linear/Conv1D names, as peft saves it."""
+    if not (isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR):
+        return config
+    excluded = _output_embedding_names(model, config)
+    names = sorted(
+        name
+        for name, module in candidate_modules(model)
+        if name not in excluded
+        and (
+            isinstance(module, nn.Linear)
+            or is_transformers_conv1d(module)
+            or (isinstance(module, LoraLayer) and isinstance(module.base_layer, nn.Linear))
+        )
+    )
+    if not names:
+        raise TargetError(f"target_modules='all-linear' found no Linear layer in {type(model).__name__}")
+    return config.replace(target_modules=names)
+
+
+def resolve_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """`config` with `target_modules` made explicit: the family default for None, the list for all-linear."""
+    if config.target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGET_MODULES:
+            known = ", ".join(sorted(DEFAULT_TARGET_MODULES))
+            raise TargetError(
+                f"target_modules=None needs a known model family, and {type(model).__name__} "
+                f"(model_type={model_type!r}) is not one of: {known}. Pass target_modules explicitly."
+            )
+        return config.replace(target_modules=list(DEFAULT_TARGET_MODULES[model_type]))
+    return expand_all_linear(model, config)
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    """The `(name, module)` pairs `config` targets; a clear `TargetError` if none or one is unsupported."""
+    candidates = list(candidate_modules(model))
+    targets = [(name, module) for name, module in candidates if is_targeted(config, name)]
+    if not targets:
+        raise TargetError(_nothing_matched(config, [name for name, _ in candidates]))
+    for name, module in targets:
+        if not isinstance(module, LoraLayer) and lora_layer_type_for(module) is None:
+            raise TargetError(
+                f"module {name!r} of type {type(module).__module__}.{type(module).__qualname__} matched "
+                f"target_modules={config.target_modules!r}, but lorakit has no LoRA layer for that type. "
+                "Target its Linear/Conv/Embedding children instead, or add support with "
+                "lorakit.register_lora_layer(YourType, YourLoraLayer)."
+            )
+    return targets
+
+
+def _nothing_matched(config: LoraConfig, names: list[str]) -> str:
+    wanted = [config.target_modules] if isinstance(config.target_modules, str) else list(config.target_modules)
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
+    close: list[str] = []
+    for entry in wanted:
+        close += difflib.get_close_matches(entry.rsplit(".", 1)[-1], leaves, n=5, cutoff=0.5)
+        close += difflib.get_close_matches(entry, names, n=3, cutoff=0.6)
+    hint = f" Closest module names: {', '.join(dict.fromkeys(close))}." if close else ""
+    sample = ", ".join(leaves[:20])
+    return (
+        f"target_modules={config.target_modules!r} matched no module of the model.{hint} "
+        f"Module name endings in this model: {sample}{' …' if len(leaves) > 20 else ''}"
+    )
