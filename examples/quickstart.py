@@ -63,7 +63,7 @@ def main() -> None:
     difference = (merged_logits - unmerged_logits).abs().max().item()
     scale = unmerged_logits.abs().max().item()
     print(
-        f"merged vs unmerged logits: max |difference| = {difference:.1e} (logits up to {scale:.0f}; float32 rounding)"
+        f"merged vs unmerged logits: max |difference| = {difference:.1e} (logits up to {scale:.0f})"
     )
     restored = all(torch.equal(p, original[name]) for name, p in model.named_parameters() if name in original)
     print(f"unmerge restored every base weight bit for bit: {restored}")

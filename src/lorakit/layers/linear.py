@@ -48,10 +48,15 @@ class LoraLinear(LoraLayer):
         p = self.lora_dropout_p[name]
         if p and self.training:
             x = F.dropout(x, p, training=True)
-        b = self.lora_B[name]
-        hidden = F.linear(x, self.lora_A[name].weight.to(x.dtype))
-        out = F.linear(hidden, b.weight.to(x.dtype), None if b.bias is None else b.bias.to(x.dtype))
-        return result + out * self.scaling[name]
+        dtype = result.dtype
+        b, s = self.lora_B[name], self.scaling[name]
+        hidden = F.linear(x.to(dtype), self.lora_A[name].weight.to(dtype))
+        # s folded into the small B (out × r) instead of the large output, and the sum fused into the GEMM
+        out = torch.addmm(result.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]),
+                          (b.weight * s).to(dtype).T)  # fmt: skip
+        if b.bias is not None:
+            out = out + (b.bias * s).to(dtype)
+        return out.view(result.shape)
 
     def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
         a, b = self.lora_A[name], self.lora_B[name]
