@@ -62,9 +62,7 @@ def main() -> None:
         lorakit.unmerge(model)
     difference = (merged_logits - unmerged_logits).abs().max().item()
     scale = unmerged_logits.abs().max().item()
-    print(
-        f"merged vs unmerged logits: max |difference| = {difference:.1e} (logits up to {scale:.0f})"
-    )
+    print(f"merged vs unmerged logits: max |difference| = {difference:.1e} (logits up to {scale:.0f})")
     restored = all(torch.equal(p, original[name]) for name, p in model.named_parameters() if name in original)
     print(f"unmerge restored every base weight bit for bit: {restored}")
     assert difference <= 1e-5 * scale and restored

@@ -226,7 +226,8 @@ class LoraLayer(nn.Module):
 
     def _restore(self) -> None:
         for param_name, delta in self._summed_deltas(self.merged_adapters).items():
-            unmerge_exactly(self._base_param(param_name).data, delta, self._residuals.pop(param_name))
+            unmerge_exactly(self._base_param(param_name).data, delta, self._residuals[param_name])
+            del self._residuals[param_name]  # only once restored: a failed restore can be retried
 
     def merge_residual_bytes(self) -> int:
         """Extra memory held while merged, to restore the weights exactly."""

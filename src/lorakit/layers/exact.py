@@ -1,7 +1,7 @@
 """Exact merge and unmerge of a weight update, at about one extra byte per weight element.
 
 Adding `ΔW` to `W` in a low-precision dtype rounds: `(W + ΔW) − ΔW` is usually not `W` (in bfloat16 about
-40% of the elements change after one cycle, and the drift grows with every cycle). To undo a merge bit for
+40% of the elements change after one cycle, and stay changed). To undo a merge bit for
 bit, `merge_exactly` also records how the weight `unmerge_exactly` will compute, `u = round(W' − ΔW)`,
 differs from the true `W`:
 
@@ -84,7 +84,9 @@ def unmerge_exactly(weight: torch.Tensor, delta: torch.Tensor, residual: MergeRe
     size = weight.element_size()
     bits, wide = _BITS_VIEW[size], _WIDE[size]
     codes = residual.codes.to(approx.device)
-    restored = (approx.view(bits).to(wide) + codes.to(wide)).to(bits).view(weight.dtype)
+    # contiguous(): elementwise ops keep a non-contiguous weight's layout (channels_last convs), and the
+    # escape indices are positions in the row-major order of `flatten()`.
+    restored = (approx.view(bits).to(wide) + codes.to(wide)).to(bits).view(weight.dtype).contiguous()
     flat = restored.view(-1)
     flat[residual.escape_index.to(flat.device)] = residual.escape_value.to(flat.device)
     weight.copy_(restored)
