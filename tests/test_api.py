@@ -391,3 +391,37 @@ def test_meta_device_conversion_allocates_nothing():
         model = tiny_llama()
     lorakit.get_lora_model(model, LoraConfig(target_modules="all-linear"))
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_init_modes():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"lin": nn.Linear(256, 64), "emb": nn.Embedding(100, 32), "conv": nn.Conv2d(8, 8, 3)})
+    lorakit.get_lora_model(model, LoraConfig(r=8, target_modules=["lin", "emb", "conv"]))
+    lin, emb, conv = model["lin"], model["emb"], model["conv"]
+    bound = 1 / 256**0.5  # kaiming_uniform(a=√5) on a fan-in of 256
+    a = lin.lora_A["default"].weight
+    assert a.abs().max() <= bound and a.abs().max() > 0.9 * bound
+    assert not lin.lora_B["default"].weight.any() and not conv.lora_B["default"].weight.any()
+    assert not emb.lora_embedding_A["default"].any()
+    assert emb.lora_embedding_B["default"].std().item() == pytest.approx(1.0, abs=0.15)
+
+    model = nn.ModuleDict({"lin": nn.Linear(256, 64)})
+    lorakit.get_lora_model(model, LoraConfig(r=8, target_modules=["lin"], init_lora_weights="gaussian"))
+    assert model["lin"].lora_A["default"].weight.std().item() == pytest.approx(1 / 8, rel=0.1)
+    assert not model["lin"].lora_B["default"].weight.any()
+
+    model = nn.ModuleDict({"lin": nn.Linear(256, 64)})
+    lorakit.get_lora_model(model, LoraConfig(r=8, target_modules=["lin"], init_lora_weights=False))
+    assert model["lin"].lora_B["default"].weight.abs().min() > 0
+
+
+def test_bfloat16_model_keeps_float32_master_weights_and_a_bf16_branch():
+    model = tiny_llama().to(torch.bfloat16)
+    lorakit.get_lora_model(model, LoraConfig(target_modules="all-linear"))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    logits = model(input_ids=torch.randint(0, 64, (2, 5))).logits
+    assert logits.dtype == torch.bfloat16
+    logits.float().square().mean().backward()
+    assert layer.lora_A["default"].weight.grad.dtype == torch.float32
