@@ -425,3 +425,9 @@ def test_bfloat16_model_keeps_float32_master_weights_and_a_bf16_branch():
     assert logits.dtype == torch.bfloat16
     logits.float().square().mean().backward()
     assert layer.lora_A["default"].weight.grad.dtype == torch.float32
+
+
+def test_lora_state_dict_of_unknown_adapter():
+    model = lorakit.get_lora_model(MLP(), LoraConfig(target_modules=["up"]))
+    with pytest.raises(AdapterError, match="unknown adapter 'x'"):
+        lorakit.lora_state_dict(model, "x")

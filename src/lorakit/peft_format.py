@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import AdapterError
 from .layers import LoraLayer
 from .layers.modules_to_save import ModulesToSave
 from .model import lora_state
@@ -23,7 +24,7 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
     """Adapter `adapter_name`'s tensors under peft's key names (detached; they share storage)."""
     state = lora_state(model)
     if adapter_name not in state.configs:
-        raise KeyError(adapter_name)
+        raise AdapterError(f"unknown adapter {adapter_name!r}; this model has {sorted(state.configs)}")
     tensors: dict[str, torch.Tensor] = {}
     for path, module in model.named_modules():
         if isinstance(module, (LoraLayer, ModulesToSave)):
