@@ -24,7 +24,7 @@ from .model import (
     unload,
     unmerge,
 )
-from .peft_format import lora_state_dict
+from .peft_format import load_adapter, lora_state_dict, read_adapter_config, save_adapter
 from .targets import DEFAULT_TARGET_MODULES
 
 __version__ = "0.1.0"
@@ -50,10 +50,13 @@ __all__ = [
     "get_lora_model",
     "is_lora_model",
     "lora_layers",
+    "load_adapter",
     "lora_state_dict",
     "merge",
     "merge_and_unload",
+    "read_adapter_config",
     "register_lora_layer",
+    "save_adapter",
     "set_active_adapters",
     "trainable_parameters",
     "unload",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import re
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -118,11 +119,29 @@ class LoraConfig:
             raise LoraConfigError(f"layers_to_transform must be an int or a list of ints, got {layers!r}")
         if isinstance(layers, tuple):
             self.layers_to_transform = list(layers)
-        for name in ("use_rslora", "fan_in_fan_out", "lora_bias", "inference_mode"):
+        for name in ("use_rslora", "fan_in_fan_out", "lora_bias", "inference_mode", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise LoraConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("task_type", "base_model_name_or_path"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise LoraConfigError(f"{name} must be a string or None, got {getattr(self, name)!r}")
+        self._check_patterns_compile()
         if self.use_dora:
             raise LoraConfigError("use_dora=True (DoRA) is not supported by lorakit yet")
+
+    def _check_patterns_compile(self) -> None:
+        patterns = [("target_modules", self.target_modules), ("exclude_modules", self.exclude_modules)]
+        patterns = [(name, value) for name, value in patterns if isinstance(value, str)]
+        patterns += [("rank_pattern", key) for key in self.rank_pattern]
+        patterns += [("alpha_pattern", key) for key in self.alpha_pattern]
+        layers = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern or []
+        patterns += [("layers_pattern", value) for value in layers]
+        patterns += [("modules_to_save", value) for value in self.modules_to_save or []]
+        for name, pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise LoraConfigError(f"{name} holds {pattern!r}, which is not a valid regex: {error}") from None
 
     def rank_for(self, module_name: str) -> int:
         """The rank of the adapter on `module_name` (`rank_pattern` first, else `r`)."""
@@ -152,8 +171,6 @@ class LoraConfig:
 
 
 def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
-    import re
-
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key

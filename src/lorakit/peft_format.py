@@ -1,40 +1,336 @@
-"""HuggingFace peft's naming of adapter tensors (design §4).
+"""HuggingFace peft's adapter format (design §4): key names, `adapter_config.json`, save and load.
 
-A tensor of adapter `name` on the module at path `P` is saved as `base_model.model.P.<suffix>`, where the
-suffix is the parameter's name inside the LoRA layer with the adapter name taken out:
-`lora_A.weight`, `lora_B.weight`, `lora_B.bias` (lora_bias), `lora_embedding_A`, `lora_embedding_B`; a
-`modules_to_save` copy's parameters are saved as `base_model.model.P.<param>`, and with `bias="all"` or
-`"lora_only"` the trained biases under their model paths (`P.base_layer.bias` inside a LoRA layer).
+A directory holds `adapter_config.json` (peft's fields, `"peft_type": "LORA"`) and
+`adapter_model.safetensors` (metadata `{"format": "pt"}`). A tensor of the adapter on the module at path
+`P` is stored as `base_model.model.P.<suffix>`, the suffix being the parameter's name inside the LoRA
+layer with the adapter name taken out: `lora_A.weight`, `lora_B.weight`, `lora_B.bias` (lora_bias),
+`lora_embedding_A`, `lora_embedding_B`. A `modules_to_save` copy's parameters are stored as
+`base_model.model.P.<param>`, and with `bias="all"` or `"lora_only"` the trained biases under their model
+paths (`P.base_layer.bias` inside a LoRA layer).
+
+Files are untrusted input: nothing is unpickled (`.bin` files go through `torch.load(weights_only=True)`),
+every key, shape and dtype is checked against the model before any tensor is copied, and every failure is
+a `LoraError` that leaves the model as it was.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 
-from .errors import AdapterError
+from ._files import replace_files
+from .config import LoraConfig
+from .errors import AdapterError, LoraError
 from .layers import LoraLayer
 from .layers.modules_to_save import ModulesToSave
-from .model import lora_state
+from .model import add_adapter, delete_adapter, get_lora_model, is_lora_model, lora_state, unload
 
 PEFT_PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+
+# Fields peft 0.21 writes that lorakit does not model, with the values meaning "feature off".
+_PEFT_OFF_FIELDS: dict[str, Any] = {
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "auto_mapping": None,
+    "corda_config": None,
+    "ensure_weight_tying": False,
+    "eva_config": None,
+    "kasa_config": None,
+    "layer_replication": None,
+    "loftq_config": {},
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "monteclora_config": None,
+    "qalora_group_size": 16,
+    "revision": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+    "use_qalora": False,
+    "velora_config": None,
+}
+# init schemes that only shape the starting point of A and B: a trained adapter loads like any other.
+_WEIGHT_ONLY_INITS = ("eva", "orthogonal")
+_MAX_CONFIG_BYTES = 16 << 20
 
 
-def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """Adapter `adapter_name`'s tensors under peft's key names (detached; they share storage)."""
+# ----- key names ----------------------------------------------------------------------------------------
+
+
+def _adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+    """The model's parameters of adapter `adapter_name`, keyed by their peft name without the prefix."""
     state = lora_state(model)
     if adapter_name not in state.configs:
         raise AdapterError(f"unknown adapter {adapter_name!r}; this model has {sorted(state.configs)}")
-    tensors: dict[str, torch.Tensor] = {}
+    params: dict[str, nn.Parameter] = {}
     for path, module in model.named_modules():
         if isinstance(module, (LoraLayer, ModulesToSave)):
             for suffix, param in module.adapter_parameters(adapter_name).items():
-                tensors[f"{PEFT_PREFIX}{path}.{suffix}"] = param.detach()
+                params[f"{path}.{suffix}"] = param
     bias = state.configs[adapter_name].bias
     if bias != "none":
         for path, param in model.named_parameters():
             if path.rsplit(".", 1)[-1] != "bias" or ".lora_" in path or "modules_to_save." in path:
                 continue
             if (bias == "all" and ".original_module." not in f".{path}") or path.endswith(".base_layer.bias"):
-                tensors[f"{PEFT_PREFIX}{path}"] = param.detach()
-    return tensors
+                params[path] = param
+    return params
+
+
+def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Adapter `adapter_name`'s tensors under peft's key names (detached; they share storage)."""
+    return {PEFT_PREFIX + key: param.detach() for key, param in _adapter_parameters(model, adapter_name).items()}
+
+
+# ----- config -------------------------------------------------------------------------------------------
+
+
+def peft_config_dict(config: LoraConfig, model: nn.Module | None = None) -> dict[str, Any]:
+    """`config` as peft writes `adapter_config.json`: every peft field, `inference_mode: true`."""
+    fields = config.to_dict()
+    fields["inference_mode"] = True
+    if model is not None:
+        if fields["base_model_name_or_path"] is None:
+            fields["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        if fields["task_type"] is None:  # peft records the model class when there is no task type
+            fields["auto_mapping"] = {
+                "base_model_class": type(model).__name__,
+                "parent_library": type(model).__module__,
+            }
+    return dict(sorted({**_PEFT_OFF_FIELDS, **fields, "peft_type": "LORA"}.items()))
+
+
+def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
+    """Parse and validate `adapter_config.json` in `directory`; any problem is a `LoraError`."""
+    path = Path(directory) / CONFIG_NAME
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(_MAX_CONFIG_BYTES + 1)
+    except OSError as error:
+        raise LoraError(f"cannot read {path}: {error.strerror or error}") from None
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise LoraError(f"{path} is larger than {_MAX_CONFIG_BYTES >> 20} MiB; not an adapter config")
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise LoraError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise LoraError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    peft_type = data.get("peft_type")
+    if peft_type != "LORA":
+        raise LoraError(f"{path}: peft_type is {peft_type!r}, lorakit loads 'LORA' adapters")
+    if data.get("init_lora_weights") in _WEIGHT_ONLY_INITS:
+        data["init_lora_weights"] = True
+    try:
+        return LoraConfig(**data)
+    except LoraError as error:
+        raise type(error)(f"{path}: {error}") from None
+    except (TypeError, ValueError, re.error) as error:
+        raise LoraError(f"{path}: invalid field value: {error}") from None
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in an adapter config")
+
+
+# ----- save ---------------------------------------------------------------------------------------------
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write adapter `adapter_name` to `directory` as peft does: `adapter_config.json` and
+    `adapter_model.safetensors`. Each file is replaced atomically; returns the directory's path."""
+    from safetensors.torch import save as safetensors_bytes
+
+    config = lora_state(model).configs.get(adapter_name)
+    tensors = {
+        key: tensor.to("cpu", copy=True).contiguous() for key, tensor in lora_state_dict(model, adapter_name).items()
+    }
+    config_text = json.dumps(peft_config_dict(config, model), indent=2) + "\n"
+    directory = Path(directory)
+    replace_files(
+        directory,
+        {WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"}), CONFIG_NAME: config_text.encode()},
+    )
+    return directory
+
+
+# ----- load ---------------------------------------------------------------------------------------------
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    trainable: bool = False,
+) -> nn.Module:
+    """Load a peft-format LoRA adapter from a local directory into `model`; return `model`.
+
+    On a plain model the LoRA layers are created from the saved config and the adapter is made active (as
+    `PeftModel.from_pretrained` does); on a LoRA model it is added as another, inactive adapter. Tensors
+    go to the base layers' devices, as float32 master weights. `trainable=False` freezes the adapter.
+    `path` is an adapter directory, a local hub-cache directory (`models--org--name` with `snapshots/`),
+    or a hub id `org/name` already in the local hub cache; nothing is downloaded.
+
+    Raises `LoraError` (nothing changed) for a missing, unexpected, mis-shaped or non-float tensor, a
+    corrupt file, or an invalid config.
+    """
+    directory = resolve_adapter_dir(path)
+    config = read_adapter_config(directory)
+    was_lora = is_lora_model(model)
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    with _open_weights(directory) as weights:
+        try:
+            if was_lora:
+                add_adapter(model, adapter_name, config, trainable=trainable)
+            else:
+                get_lora_model(model, config, adapter_name)
+            params = _adapter_parameters(model, adapter_name)
+            file_keys = _match_keys_and_shapes(weights, params, directory)
+            tensors = {key: weights.tensor(file_keys[key]) for key in params}
+        except BaseException:
+            if not was_lora and is_lora_model(model):
+                unload(model)
+            elif was_lora and adapter_name in lora_state(model).configs:
+                delete_adapter(model, adapter_name)
+            for param, flag in requires_grad:
+                param.requires_grad_(flag)
+            raise
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(tensors[key])
+    if not was_lora and not trainable:
+        lora_state(model).trainable[adapter_name] = False
+        for param in model.parameters():
+            param.requires_grad_(False)
+    return model
+
+
+def resolve_adapter_dir(path: str | os.PathLike) -> Path:
+    """The directory holding `adapter_config.json` for a local path or a hub id in the local cache."""
+    candidate = Path(path)
+    if not candidate.exists() and isinstance(path, str) and path.count("/") == 1 and not path.startswith("."):
+        candidate = _hub_cache() / f"models--{path.replace('/', '--')}"
+    if (candidate / CONFIG_NAME).is_file():
+        return candidate
+    snapshots = candidate / "snapshots"
+    if snapshots.is_dir():
+        ref = candidate / "refs" / "main"
+        if ref.is_file():
+            snapshot = snapshots / ref.read_text().strip()
+            if (snapshot / CONFIG_NAME).is_file():
+                return snapshot
+        found = [d for d in sorted(snapshots.iterdir()) if (d / CONFIG_NAME).is_file()]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise LoraError(f"{candidate} has several snapshots and no refs/main: {[d.name for d in found]}")
+    raise LoraError(f"no {CONFIG_NAME} in {candidate} (an adapter directory or a local hub-cache entry)")
+
+
+def _hub_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home) / "hub"
+
+
+class _Weights:
+    """Read-only view of an adapter weights file: keys, shapes and dtypes first, tensors on demand."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: Any = None
+        self._tensors: dict[str, torch.Tensor] | None = None
+
+    def __enter__(self) -> _Weights:
+        if self.path.name == WEIGHTS_NAME:
+            from safetensors import safe_open
+
+            try:
+                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+                self._handle.__enter__()
+                self.shapes = {k: tuple(self._handle.get_slice(k).get_shape()) for k in self._handle.keys()}  # noqa: SIM118
+                self.dtypes = {k: self._handle.get_slice(k).get_dtype() for k in self.shapes}
+            except Exception as error:
+                raise LoraError(f"{self.path} is not a valid safetensors file: {error}") from None
+        else:
+            try:
+                loaded = torch.load(self.path, map_location="cpu", weights_only=True)
+            except Exception as error:
+                raise LoraError(
+                    f"{self.path} could not be read as plain tensors (torch.load with weights_only=True; "
+                    f"lorakit never unpickles arbitrary objects): {error}"
+                ) from None
+            if not isinstance(loaded, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+            ):
+                raise LoraError(f"{self.path} must hold a dict of name → tensor")
+            self._tensors = dict(loaded)
+            self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
+            self.dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in self._tensors.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.__exit__(None, None, None)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if self._tensors is not None:
+            return self._tensors[key]
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as error:
+            raise LoraError(f"{self.path}: cannot read tensor {key!r}: {error}") from None
+
+
+def _open_weights(directory: Path) -> _Weights:
+    for name in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
+        if (directory / name).is_file():
+            return _Weights(directory / name)
+    raise LoraError(f"no {WEIGHTS_NAME} (or {PICKLE_WEIGHTS_NAME}) in {directory}")
+
+
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "float16", "bfloat16", "float32", "float64"}
+
+
+def _match_keys_and_shapes(weights: _Weights, params: dict[str, nn.Parameter], directory: Path) -> dict[str, str]:
+    """`{parameter key: file key}` when the file holds exactly the model's adapter tensors, else `LoraError`."""
+    found: dict[str, str] = {}
+    for key in weights.shapes:
+        short = key.removeprefix(PEFT_PREFIX)
+        if short in found:
+            raise LoraError(f"{directory}: tensor {short!r} appears twice (with and without {PEFT_PREFIX!r})")
+        found[short] = key
+    missing = sorted(set(params) - set(found))
+    unexpected = sorted(set(found) - set(params))
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_listing(unexpected)} (the model has no such adapter tensor)")
+    for short in sorted(set(params) & set(found)):
+        key = found[short]
+        want = tuple(params[short].shape)
+        if weights.shapes[key] != want:
+            problems.append(f"{key!r} has shape {list(weights.shapes[key])}, the model expects {list(want)}")
+        elif weights.dtypes[key] not in _FLOAT_DTYPES:
+            problems.append(f"{key!r} has dtype {weights.dtypes[key]}, expected a floating dtype")
+    if problems:
+        raise LoraError(f"adapter in {directory} does not fit the model: " + "; ".join(problems))
+    return found
+
+
+def _listing(keys: list[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return f"[{shown}{f', … ({len(keys)} in all)' if len(keys) > limit else ''}]"
