@@ -17,6 +17,7 @@ from torch import nn
 from .config import LoraConfig
 from .errors import AdapterError, LoraError, MergeError
 from .layers import LoraLayer, lora_layer_type_for
+from .layers.linear import is_transformers_conv1d
 from .layers.modules_to_save import ModulesToSave
 from .targets import candidate_modules, find_targets, resolve_config
 
@@ -100,6 +101,10 @@ def _add_adapter(model: nn.Module, state: LoraState, name: str, config: LoraConf
         raise LoraError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
     config = resolve_config(model, config)
     targets = find_targets(model, config)
+    # Recorded as peft records it: the saved config tells consumers whether weights are stored (in, out).
+    uses_conv1d = any(is_transformers_conv1d(getattr(m, "base_layer", m)) for _, m in targets)
+    if config.fan_in_fan_out != uses_conv1d:
+        config = config.replace(fan_in_fan_out=uses_conv1d)
     saved = _find_modules_to_save(model, config)
     parents = _parent_index(model)
     touched: list[LoraLayer | ModulesToSave] = []

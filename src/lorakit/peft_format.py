@@ -28,7 +28,7 @@ from torch import nn
 from ._files import replace_files
 from .config import LoraConfig
 from .errors import AdapterError, LoraError
-from .layers import LoraLayer
+from .layers import LoraEmbedding, LoraLayer
 from .layers.modules_to_save import ModulesToSave
 from .model import add_adapter, delete_adapter, get_lora_model, is_lora_model, lora_state, unload
 
@@ -86,6 +86,16 @@ def _adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Par
             if (bias == "all" and ".original_module." not in f".{path}") or path.endswith(".base_layer.bias"):
                 params[path] = param
     return params
+
+
+def _base_embedding_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+    """Base weights of the adapter's embedding layers, which peft also saves (`save_embedding_layers`, for
+    resized vocabularies). lorakit does not write them, and loads them into the base when a file has them."""
+    return {
+        f"{path}.base_layer.weight": module.base_layer.weight
+        for path, module in model.named_modules()
+        if isinstance(module, LoraEmbedding) and adapter_name in module.r
+    }
 
 
 def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -196,7 +206,9 @@ def load_adapter(
             else:
                 get_lora_model(model, config, adapter_name)
             params = _adapter_parameters(model, adapter_name)
-            file_keys = _match_keys_and_shapes(weights, params, directory)
+            optional = _base_embedding_parameters(model, adapter_name)
+            file_keys = _match_keys_and_shapes(weights, params, optional, directory)
+            params.update({key: optional[key] for key in file_keys if key in optional})
             tensors = {key: weights.tensor(file_keys[key]) for key in params}
         except BaseException:
             if not was_lora and is_lora_model(model):
@@ -304,8 +316,11 @@ def _open_weights(directory: Path) -> _Weights:
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "float16", "bfloat16", "float32", "float64"}
 
 
-def _match_keys_and_shapes(weights: _Weights, params: dict[str, nn.Parameter], directory: Path) -> dict[str, str]:
-    """`{parameter key: file key}` when the file holds exactly the model's adapter tensors, else `LoraError`."""
+def _match_keys_and_shapes(
+    weights: _Weights, params: dict[str, nn.Parameter], optional: dict[str, nn.Parameter], directory: Path
+) -> dict[str, str]:
+    """`{parameter key: file key}` when the file holds exactly the model's adapter tensors (plus any of the
+    `optional` ones) with the right shapes and float dtypes; otherwise a `LoraError` naming every problem."""
     found: dict[str, str] = {}
     for key in weights.shapes:
         short = key.removeprefix(PEFT_PREFIX)
@@ -313,7 +328,8 @@ def _match_keys_and_shapes(weights: _Weights, params: dict[str, nn.Parameter], d
             raise LoraError(f"{directory}: tensor {short!r} appears twice (with and without {PEFT_PREFIX!r})")
         found[short] = key
     missing = sorted(set(params) - set(found))
-    unexpected = sorted(set(found) - set(params))
+    unexpected = sorted(set(found) - set(params) - set(optional))
+    params = {**params, **{key: optional[key] for key in found if key in optional}}
     problems = []
     if missing:
         problems.append(f"missing keys {_listing(missing)}")
