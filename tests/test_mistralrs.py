@@ -1,0 +1,142 @@
+"""mistral.rs as a real consumer: an adapter trained and saved by lorakit gives the same greedy tokens there.
+
+A tiny Llama (saved with `save_pretrained`) and a ByteLevel BPE tokenizer built with `tokenizers` are
+served by mistral.rs 0.9.5 on the CPU, with and without a LoRA adapter trained a few steps with lorakit
+and written by `lorakit.save_adapter`. Token ids come back through chat requests with logprobs.
+
+What mistral.rs 0.9.5 needs, found by probing it:
+- `rope_theta` at the top level of config.json (transformers 5 writes it inside `rope_parameters`);
+- a tokenizer decoder it knows (ByteLevel) and a `chat_template`: ids only come back from chat requests,
+  and a plain-string prompt goes through the template, so the template is the identity;
+- `MISTRALRS_CPU_KV_F32=1`, else its CPU KV cache is float16 even for a float32 model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lorakit
+
+mistralrs = pytest.importorskip("mistralrs")
+
+VOCAB = 320
+PROMPT = "the quick brown fox jumps over the lazy dog"
+NEW_TOKENS = 12
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "low rank adaptation freezes the base weights and trains two small matrices",
+    "a merged adapter costs nothing at inference time",
+    "mistral rs is a rust inference engine built on candle",
+    "pack my box with five dozen liquor jugs",
+    "sphinx of black quartz judge my vow",
+] * 4
+
+
+def build_tokenizer(directory: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )  # fmt: skip
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    assert tokenizer.get_vocab_size() == VOCAB
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "add_bos_token": False, "add_eos_token": False, "model_max_length": 256,
+        "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    }))  # fmt: skip
+    return tokenizer
+
+
+def build_base(directory: Path) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0,
+        eos_token_id=1, rms_norm_eps=1e-5,
+        initializer_range=0.2,  # clear margins between the top logits, so greedy choices are stable
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(directory)
+    config_path = directory / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["rope_theta"] = (saved.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    config_path.write_text(json.dumps(saved))
+    return model
+
+
+def greedy(model: torch.nn.Module, prompt_ids: list[int]) -> list[int]:
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0)  # fmt: skip
+    return out[0, len(prompt_ids) :].tolist()
+
+
+def served_greedy(runner, adapter: str | None) -> list[int]:
+    request = mistralrs.ChatCompletionRequest(
+        messages=PROMPT, model="tiny", max_tokens=NEW_TOKENS, temperature=0.0, top_k=1, ignore_eos=True,
+        logprobs=True, top_logprobs=1, adapter=adapter,
+    )  # fmt: skip
+    tokens = []
+    for entry in runner.send_chat_completion_request(request).choices[0].logprobs.content:
+        top = entry.top_logprobs[0]
+        assert top.logprob == entry.logprob  # greedy: the chosen token is the top one, whose id we read
+        tokens.append(top.token)
+    return tokens
+
+
+def test_mistralrs_serves_a_lorakit_adapter(tmp_path, monkeypatch):
+    monkeypatch.setenv("MISTRALRS_CPU_KV_F32", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    base_dir.mkdir()
+    model = build_base(base_dir)
+    tokenizer = build_tokenizer(base_dir)
+    prompt_ids = tokenizer.encode(PROMPT).ids
+    base_tokens = greedy(model, prompt_ids)
+
+    config = lorakit.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                     "gate_proj", "up_proj", "down_proj"])  # fmt: skip
+    lorakit.get_lora_model(model, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    batch = torch.tensor([tokenizer.encode(text).ids[:8] for text in CORPUS[:6]])
+    model.train()
+    for _ in range(5):
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    lora_tokens = greedy(model, prompt_ids)
+    assert lora_tokens != base_tokens, "the trained adapter should change the greedy tokens"
+    with lorakit.disable_adapters(model):
+        assert greedy(model, prompt_ids) == base_tokens
+    lorakit.save_adapter(model, adapter_dir)
+
+    plain = mistralrs.Runner(
+        which=mistralrs.Which.Plain(model_id=str(base_dir), arch=mistralrs.Architecture.Llama,
+                                    dtype=mistralrs.ModelDType.F32)
+    )  # fmt: skip
+    assert plain.tokenize_text(PROMPT, add_special_tokens=True, enable_thinking=None) == prompt_ids
+    assert served_greedy(plain, None) == base_tokens
+    del plain
+
+    adapters = [mistralrs.LoraAdapter("trained", str(adapter_dir))]
+    served = mistralrs.Runner(
+        which=mistralrs.Which.Lora(model_id=str(base_dir), adapters=adapters, arch=mistralrs.Architecture.Llama,
+                                   dtype=mistralrs.ModelDType.F32)
+    )  # fmt: skip
+    assert served_greedy(served, "trained") == lora_tokens
+    assert served_greedy(served, None) == base_tokens
+    assert os.path.isfile(adapter_dir / "adapter_model.safetensors")
