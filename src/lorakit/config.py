@@ -12,6 +12,7 @@ import copy
 import functools
 import math
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -96,7 +97,7 @@ class LoraConfig:
         if self.bias not in BIAS_MODES:
             raise LoraConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if not any(self.init_lora_weights is m or self.init_lora_weights == m for m in INIT_MODES) or (
-            isinstance(self.init_lora_weights, int) and not isinstance(self.init_lora_weights, bool)
+            not isinstance(self.init_lora_weights, (bool, str))  # 1 or 0.0 compare equal to True / False
         ):
             raise LoraConfigError(
                 f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
@@ -131,15 +132,17 @@ class LoraConfig:
 
     def _check_patterns_compile(self) -> None:
         patterns = [("target_modules", self.target_modules), ("exclude_modules", self.exclude_modules)]
-        patterns = [(name, value) for name, value in patterns if isinstance(value, str)]
-        patterns += [("rank_pattern", key) for key in self.rank_pattern]
-        patterns += [("alpha_pattern", key) for key in self.alpha_pattern]
+        # (field, value, the regex it is used in: `_pattern_key` and targets.py embed some values in larger
+        # regexes, where e.g. an inline flag "(?i)" that compiles alone is an error)
+        patterns = [(name, value, value) for name, value in patterns if isinstance(value, str)]
+        patterns += [("rank_pattern", key, rf"(.*\.)?({key})$") for key in self.rank_pattern]
+        patterns += [("alpha_pattern", key, rf"(.*\.)?({key})$") for key in self.alpha_pattern]
         layers = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern or []
-        patterns += [("layers_pattern", value) for value in layers]
-        patterns += [("modules_to_save", value) for value in self.modules_to_save or []]
-        for name, pattern in patterns:
+        patterns += [("layers_pattern", v, rf"(?:^|.*?\.){v}\.(?P<idx>\d+)\.") for v in layers]
+        patterns += [("modules_to_save", v, rf"(^|.*\.){v}($|\..*)") for v in self.modules_to_save or []]
+        for name, pattern, used in patterns:
             try:
-                re.compile(pattern)
+                re.compile(used)
             except re.error as error:
                 raise LoraConfigError(f"{name} holds {pattern!r}, which is not a valid regex: {error}") from None
 
@@ -187,7 +190,8 @@ def _check_rank(name: str, value: Any) -> None:
 
 
 def _check_alpha(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0) or math.isinf(value):
+    # `value > sys.float_info.max`, not math.isinf: an int beyond any float overflows isinf
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0) or value > sys.float_info.max:
         raise LoraConfigError(f"{name} must be a positive finite number, got {value!r}")
 
 

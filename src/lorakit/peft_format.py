@@ -16,6 +16,7 @@ a `LoraError` that leaves the model as it was.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ from .errors import AdapterError, LoraError
 from .layers import LoraEmbedding, LoraLayer
 from .layers.modules_to_save import ModulesToSave
 from .model import add_adapter, delete_adapter, get_lora_model, is_lora_model, lora_state, unload
+from .targets import find_targets, resolve_config
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -124,6 +126,8 @@ def peft_config_dict(config: LoraConfig, model: nn.Module | None = None) -> dict
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     """Parse and validate `adapter_config.json` in `directory`; any problem is a `LoraError`."""
     path = Path(directory) / CONFIG_NAME
+    if not path.is_file():  # also refuses FIFOs and devices, which could block or never end
+        raise LoraError(f"{path} is missing or not a regular file")
     try:
         with open(path, "rb") as file:
             raw = file.read(_MAX_CONFIG_BYTES + 1)
@@ -199,10 +203,14 @@ def load_adapter(
     config = read_adapter_config(directory)
     was_lora = is_lora_model(model)
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    children = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()]
+    added = False
     with _open_weights(directory) as weights:
+        _check_ranks(model, config, weights, directory)
         try:
             if was_lora:
                 add_adapter(model, adapter_name, config, trainable=trainable)
+                added = True
             else:
                 get_lora_model(model, config, adapter_name)
             params = _adapter_parameters(model, adapter_name)
@@ -213,8 +221,10 @@ def load_adapter(
         except BaseException:
             if not was_lora and is_lora_model(model):
                 unload(model)
-            elif was_lora and adapter_name in lora_state(model).configs:
+            elif added:  # not when add_adapter refused a name the model already has: that adapter is the user's
                 delete_adapter(model, adapter_name)
+                for parent, name, child in children:  # unwrap the modules add_adapter wrapped for it
+                    parent._modules[name] = child
             for param, flag in requires_grad:
                 param.requires_grad_(flag)
             raise
@@ -226,6 +236,19 @@ def load_adapter(
         for param in model.parameters():
             param.requires_grad_(False)
     return model
+
+
+def _check_ranks(model: nn.Module, config: LoraConfig, weights: _Weights, directory: Path) -> None:
+    """Refuse, before any layer is built, a rank larger than every tensor in the file (an adapter tensor has
+    at least r elements): a hostile `r` must not make the conversion allocate r × features floats."""
+    largest = max((math.prod(shape) for shape in weights.shapes.values()), default=0)
+    resolved = resolve_config(model, config)
+    for name, _ in find_targets(model, resolved):
+        if resolved.rank_for(name) > largest:
+            raise LoraError(
+                f"{directory}: the config gives {name!r} rank {resolved.rank_for(name)}, but the largest tensor "
+                f"in the weights file has {largest} elements"
+            )
 
 
 def resolve_adapter_dir(path: str | os.PathLike) -> Path:
@@ -274,6 +297,7 @@ class _Weights:
                 self._handle.__enter__()
                 self.shapes = {k: tuple(self._handle.get_slice(k).get_shape()) for k in self._handle.keys()}  # noqa: SIM118
                 self.dtypes = {k: self._handle.get_slice(k).get_dtype() for k in self.shapes}
+                _reject_duplicate_names(self.path)
             except Exception as error:
                 raise LoraError(f"{self.path} is not a valid safetensors file: {error}") from None
         else:
@@ -285,9 +309,14 @@ class _Weights:
                     f"lorakit never unpickles arbitrary objects): {error}"
                 ) from None
             if not isinstance(loaded, Mapping) or not all(
-                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+                isinstance(k, str)
+                and isinstance(v, torch.Tensor)
+                and v.layout == torch.strided
+                and not v.is_nested
+                and v.device.type == "cpu"  # not meta (no data), sparse or nested: they cannot be copied in
+                for k, v in loaded.items()
             ):
-                raise LoraError(f"{self.path} must hold a dict of name → tensor")
+                raise LoraError(f"{self.path} must hold a dict of name → dense CPU tensor")
             self._tensors = dict(loaded)
             self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
             self.dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in self._tensors.items()}
@@ -304,6 +333,20 @@ class _Weights:
             return self._handle.get_tensor(key)
         except Exception as error:
             raise LoraError(f"{self.path}: cannot read tensor {key!r}: {error}") from None
+
+
+def _reject_duplicate_names(path: Path) -> None:
+    """Raise if a JSON object in the (already validated) safetensors header repeats a name: safetensors keeps
+    the last entry, another reader may keep the first, and a file whose tensors depend on the reader is refused."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        names = [name for name, _ in pairs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"the header repeats the name {next(n for n in names if names.count(n) > 1)!r}")
+        return dict(pairs)
+
+    with open(path, "rb") as file:
+        json.loads(file.read(int.from_bytes(file.read(8), "little")), object_pairs_hook=unique)
 
 
 def _open_weights(directory: Path) -> _Weights:
