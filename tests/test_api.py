@@ -431,3 +431,12 @@ def test_lora_state_dict_of_unknown_adapter():
     model = lorakit.get_lora_model(MLP(), LoraConfig(target_modules=["up"]))
     with pytest.raises(AdapterError, match="unknown adapter 'x'"):
         lorakit.lora_state_dict(model, "x")
+
+
+def test_all_linear_leaves_out_tied_layers_and_works_on_a_lora_model():
+    model = nn.ModuleDict({"embed": nn.Embedding(10, 4), "proj": nn.Linear(4, 4), "out": nn.Linear(4, 10)})
+    model["out"].weight = model["embed"].weight  # tied, as an output projection to the vocabulary
+    lorakit.get_lora_model(model, LoraConfig(target_modules="all-linear"))
+    assert lora_names(model) == ["proj"]
+    lorakit.add_adapter(model, "second", LoraConfig(target_modules="all-linear"))
+    assert model["proj"].adapter_names == ["default", "second"] and lora_names(model) == ["proj"]

@@ -109,11 +109,27 @@ def _output_embedding_names(model: nn.Module, config: LoraConfig) -> set[str]:
     return names
 
 
+def _tied_module_names(model: nn.Module) -> set[str]:
+    """Modules whose weight is shared with another module (an output projection tied to the embeddings)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")  # its own, not a LoRA layer's view of its base's
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(name)
+    tied = {name for names in owners.values() if len(names) > 1 for name in names}
+    # a LoRA layer's name stands for its base layer's
+    return tied | {name.removesuffix(".base_layer") for name in tied}
+
+
 def expand_all_linear(model: nn.Module, config: LoraConfig) -> LoraConfig:
-    """Replace `target_modules="all-linear"` by the explicit list of Linear/Conv1D names, as peft saves it."""
+    """Replace `target_modules="all-linear"` by the explicit list of Linear/Conv1D names, as peft saves it.
+
+    Left out, as in peft: the output embedding (`lm_head`), and for `task_type="SEQ_CLS"` the classifier
+    head. Left out by lorakit too: any Linear whose weight is tied to another module's, which merging would
+    change for both."""
     if not (isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR):
         return config
-    excluded = _output_embedding_names(model, config)
+    excluded = _output_embedding_names(model, config) | _tied_module_names(model)
     names = sorted(
         name
         for name, module in candidate_modules(model)
