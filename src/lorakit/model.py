@@ -301,19 +301,21 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | str | None = None, sa
         layer.merge([a for a in names if a in layer.r])
 
 
-def _parameter_owners(model: nn.Module) -> dict[int, list[nn.Module]]:
-    owners: dict[int, list[nn.Module]] = {}
-    for module in model.modules():
+def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """`id(parameter) → [name of each module holding it]`, each module once."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
         for param in module.parameters(recurse=False):
-            owners.setdefault(id(param), []).append(module)
+            owners.setdefault(id(param), []).append(name)
     return owners
 
 
-def _check_not_tied(layer_name: str, layer: LoraLayer, owners: dict[int, list[nn.Module]]) -> None:
+def _check_not_tied(layer_name: str, layer: LoraLayer, owners: dict[int, list[str]]) -> None:
     for param_name, param in layer.base_layer.named_parameters(recurse=False):
-        if len(owners.get(id(param), [])) > 1:
+        others = [n for n in owners.get(id(param), []) if n != f"{layer_name}.base_layer"]
+        if others:
             raise MergeError(
-                f"cannot merge into {layer_name}.{param_name}: that parameter is shared with another module "
+                f"cannot merge into {layer_name}.{param_name}: that parameter is shared with {', '.join(others)} "
                 "(tied weights), which merging would silently change too. Untie the weights first or keep "
                 "this adapter unmerged."
             )

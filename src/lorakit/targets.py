@@ -26,7 +26,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "bert": ["query", "value"],
     "stablelm": ["q_proj", "v_proj"],
     "t5": ["q", "v"],
-    "dinov2": ["query", "value"],
+    "dinov2": ["q_proj", "v_proj", "query", "value"],  # transformers 5 names; 4.x: query, value
     "resnet": ["convolution"],
     "mpt": ["Wqkv"],
     "blip": ["qkv", "query", "value"],
