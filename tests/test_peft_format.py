@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -245,3 +246,14 @@ def test_config_field_of_wrong_type_is_a_lora_error(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(lorakit.LoraError, match="lora_alpha must be a positive finite number, got 'eight'"):
         lorakit.load_adapter(copy.deepcopy(base), tmp_path)
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    model = lorakit.get_lora_model(base_model(CASES[0]), lorakit.LoraConfig(target_modules=["q_proj"]))
+    umask = os.umask(0o022)
+    try:
+        lorakit.save_adapter(model, tmp_path)
+    finally:
+        os.umask(umask)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644

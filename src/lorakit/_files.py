@@ -14,6 +14,10 @@ def write_temp(directory: Path, final_name: str, data: bytes) -> Path:
     """Write `data` to a new temporary file in `directory` and fsync it; the caller renames it into place."""
     fd, temp = tempfile.mkstemp(prefix=f"{_TEMP_PREFIX}{final_name}.", dir=directory)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600; a saved adapter gets the usual 0666 & ~umask
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as file:
             file.write(data)
             file.flush()
