@@ -107,6 +107,7 @@ def _add_adapter(model: nn.Module, state: LoraState, name: str, config: LoraConf
         config = config.replace(fan_in_fan_out=uses_conv1d)
     saved = _find_modules_to_save(model, config)
     parents = _parent_index(model)
+    requires_grad = [(param, param.requires_grad) for param in model.parameters()]
     touched: list[LoraLayer | ModulesToSave] = []
     wrapped: list[tuple[nn.Module, LoraLayer | ModulesToSave]] = []
     try:
@@ -135,6 +136,8 @@ def _add_adapter(model: nn.Module, state: LoraState, name: str, config: LoraConf
                 module.delete_adapter(name)
         for original, wrapper in reversed(wrapped):
             _replace(parents, wrapper, original)
+        for param, flag in requires_grad:
+            param.requires_grad_(flag)
         raise
     state.configs[name] = config
     state.trainable[name] = trainable
