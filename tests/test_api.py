@@ -162,6 +162,7 @@ def test_failed_conversion_leaves_the_model_untouched():
     assert all(
         torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.state_dict().values(), strict=True)
     )
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_shared_module_is_replaced_everywhere():
