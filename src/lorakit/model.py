@@ -212,16 +212,26 @@ def _update_trainable(model: nn.Module, state: LoraState) -> None:
             train = name in state.active and state.trainable.get(name, False)
             for param in module.adapter_parameters(name).values():
                 param.requires_grad_(train)
-    bias_modes = {state.configs[n].bias for n in state.active if state.trainable.get(n)}
-    if "all" in bias_modes:
-        for name, param in model.named_parameters():
-            if name.rsplit(".", 1)[-1] == "bias" and ".original_module." not in f".{name}":
+    for name in state.active:
+        if state.trainable.get(name):
+            for param in bias_parameters(model, state.configs[name].bias).values():
                 param.requires_grad_(True)
-    elif "lora_only" in bias_modes:
-        for _, layer in lora_layers(model):
-            bias = getattr(layer.base_layer, "bias", None)
-            if isinstance(bias, nn.Parameter):
-                bias.requires_grad_(True)
+
+
+def bias_parameters(model: nn.Module, bias: str) -> dict[str, nn.Parameter]:
+    """The base biases a `bias` mode trains (and peft saves with the adapter), by parameter name:
+    none for `"none"`, those of LoRA-wrapped layers for `"lora_only"`, every base bias for `"all"`."""
+    if bias == "none":
+        return {}
+    found: dict[str, nn.Parameter] = {}
+    for name, param in model.named_parameters():
+        if name.rsplit(".", 1)[-1] != "bias" or ".lora_" in f".{name}" or "modules_to_save." in name:
+            continue  # adapter tensors (lora_B.bias, saved copies) belong to their adapter, not to `bias`
+        if ".original_module." in f".{name}":
+            continue
+        if bias == "all" or name.endswith(".base_layer.bias"):
+            found[name] = param
+    return found
 
 
 @contextmanager

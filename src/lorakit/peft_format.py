@@ -31,7 +31,7 @@ from .config import LoraConfig
 from .errors import AdapterError, LoraError
 from .layers import LoraEmbedding, LoraLayer
 from .layers.modules_to_save import ModulesToSave
-from .model import add_adapter, delete_adapter, get_lora_model, is_lora_model, lora_state, unload
+from .model import add_adapter, bias_parameters, delete_adapter, get_lora_model, is_lora_model, lora_state, unload
 from .targets import find_targets, resolve_config
 
 PEFT_PREFIX = "base_model.model."
@@ -80,13 +80,7 @@ def _adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Par
         if isinstance(module, (LoraLayer, ModulesToSave)):
             for suffix, param in module.adapter_parameters(adapter_name).items():
                 params[f"{path}.{suffix}"] = param
-    bias = state.configs[adapter_name].bias
-    if bias != "none":
-        for path, param in model.named_parameters():
-            if path.rsplit(".", 1)[-1] != "bias" or ".lora_" in path or "modules_to_save." in path:
-                continue
-            if (bias == "all" and ".original_module." not in f".{path}") or path.endswith(".base_layer.bias"):
-                params[path] = param
+    params.update(bias_parameters(model, state.configs[adapter_name].bias))
     return params
 
 
