@@ -106,6 +106,20 @@ def test_conversion_is_in_place_and_keeps_the_class():
     assert model.model.layers[0].self_attn.q_proj.weight is model.model.layers[0].self_attn.q_proj.base_layer.weight
 
 
+def test_new_layers_and_adapters_follow_the_models_mode():
+    """A model converted in eval mode runs without dropout: the wrappers and their new modules start in eval."""
+    model = tiny_llama().eval()
+    lorakit.get_lora_model(model, LoraConfig(r=4, lora_dropout=0.5, target_modules=["q_proj"], init_lora_weights=False))
+    lorakit.add_adapter(model, "b", LoraConfig(r=2, target_modules=["q_proj", "up_proj"], modules_to_save=["lm_head"]))
+    assert not any(module.training for module in model.modules())
+    ids = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)  # dropout p=0.5 would differ
+    model.train()
+    lorakit.add_adapter(model, "c", LoraConfig(r=2, target_modules=["k_proj"]))
+    assert all(module.training for module in model.modules())
+
+
 def test_all_linear_skips_the_output_embedding_and_is_saved_expanded():
     model = tiny_llama()
     lorakit.get_lora_model(model, LoraConfig(target_modules="all-linear"))

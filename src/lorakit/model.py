@@ -120,10 +120,11 @@ def _add_adapter(model: nn.Module, state: LoraState, name: str, config: LoraConf
                 wrapped.append((module, layer))
                 module.requires_grad_(False)
             layer.add_adapter(name, config.rank_for(module_name), config.alpha_for(module_name), config)
+            layer.train(layer.base_layer.training)  # new modules start in training mode; follow the model's
             touched.append(layer)
         for module in saved:
             if not isinstance(module, ModulesToSave):
-                wrapper = ModulesToSave(module)
+                wrapper = ModulesToSave(module).train(module.training)
                 _replace(parents, module, wrapper)
                 wrapped.append((module, wrapper))
                 module.requires_grad_(False)
