@@ -8,6 +8,7 @@ from .config import LoraConfig
 from .errors import AdapterError, LoraConfigError, LoraError, MergeError, TargetError
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, register_lora_layer
 from .layers.modules_to_save import ModulesToSave
+from .mixed import mixed_batch
 from .model import (
     active_adapters,
     adapter_names,
@@ -54,6 +55,7 @@ __all__ = [
     "lora_state_dict",
     "merge",
     "merge_and_unload",
+    "mixed_batch",
     "read_adapter_config",
     "register_lora_layer",
     "save_adapter",

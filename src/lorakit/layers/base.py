@@ -7,7 +7,9 @@ short file each: `linear.py`, `embedding.py`, `conv.py`) supplies only its math:
   stored under `name` in the containers listed in `adapter_containers` (`ModuleDict`/`ParameterDict`);
 - `reset_adapter(name, init)`: initialise them (`True`, `"gaussian"` or `False`);
 - `add_adapter_output(result, x, name)`: `result + s · branch(x)`, the branch computed in `x`'s dtype;
-- `delta_weights(name)`: `{base parameter name: ΔW}`, what merging adds to the base parameters.
+- `delta_weights(name)`: `{base parameter name: ΔW}`, what merging adds to the base parameters;
+- optionally, for many adapters in one forward (mixed batches, X-LoRA): `stacked_factors(names)` and
+  `add_stacked_output(result, x, factors, gates)`, the stacked form of design §5 (see `AdapterStack`).
 
 Everything else (the adapter registry of the layer, activation, disabling, exact merge and unmerge)
 lives here once. The parameter names follow peft (`lora_A.<adapter>.weight`), so a lorakit model's
@@ -16,13 +18,14 @@ lives here once. The parameter names follow peft (`lora_A.<adapter>.weight`), so
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import LoraConfig
-from ..errors import AdapterError, MergeError
+from ..errors import AdapterError, LoraError, MergeError
 from .exact import MergeResidual, merge_exactly, merged_value, unmerge_exactly
 
 
@@ -31,6 +34,43 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     if not base_dtype.is_floating_point:
         return torch.float32
     return torch.promote_types(base_dtype, torch.float32)
+
+
+def broadcast_gates(gates: torch.Tensor, ndim: int, channel_last: bool = True) -> torch.Tensor:
+    """`gates` `(batch, c)` or `(batch, tokens, c)` viewed to multiply an `ndim`-dim activation whose channels
+    are its last dim (Linear, Embedding: `(batch, …, c)`) or dim 1 (convs: `(batch, c, *spatial)`)."""
+    if channel_last:
+        return gates.view(gates.shape[0], *[1] * (ndim - gates.ndim), *gates.shape[1:])
+    if gates.ndim != 2:
+        raise LoraError(f"per-token weights {tuple(gates.shape)} do not apply to a convolution's output")
+    return gates.view(*gates.shape, *[1] * (ndim - 2))
+
+
+@dataclass
+class AdapterStack:
+    """Several adapters of one layer stacked for one forward in which each row (or token) weighs them its own
+    way: the primitive behind mixed batches and X-LoRA (design §5).
+
+    Slots `0..n-1` are model-wide (slot j is the j-th adapter of a mixed batch, or X-LoRA's j-th expert).
+    Of them, the adapters this layer has (i, of rank r_i and scaling s_i) are stacked:
+
+        A_cat = concat_i A_i            (Σr × in)
+        B_cat = concat_i s_i · B_i      (out × Σr)
+        y = base(x) + ((x @ A_cat.T) ⊙ G[..., column_slot]) @ B_cat.T  (+ G[..., present_slot] @ s·b_B)
+
+    `gates` G is `(batch, n)`, a weight per row (one-hot in a mixed batch; all zeros means no adapter), or
+    `(batch, tokens, n)`, a weight per token (X-LoRA). `column_slot` `(Σr,)` gives each rank column's slot,
+    `present_slot` each stacked adapter's; the gates expanded by them are kept, so a fixed G costs nothing
+    per forward.
+    """
+
+    owner: str  # the layer's name in the model, for error messages
+    factors: dict[str, torch.Tensor]  # the layer kind's stacked weights, in the compute dtype
+    column_slot: torch.Tensor
+    present_slot: torch.Tensor
+    eval_only: bool = True
+    column_gates: torch.Tensor | None = None
+    present_gates: torch.Tensor | None = None
 
 
 class LoraLayer(nn.Module):
@@ -60,6 +100,7 @@ class LoraLayer(nn.Module):
         # so the forward does no bookkeeping (and torch.compile guards on a plain list).
         self._forward_adapters: list[str] = []
         self._residuals: dict[str, MergeResidual] = {}
+        self._stack: AdapterStack | None = None  # set while a mixed batch or X-LoRA runs the layer
 
     def __getattr__(self, name: str) -> Any:
         # Code written for the wrapped module (`layer.weight`, `layer.in_features`) keeps working.
@@ -100,6 +141,21 @@ class LoraLayer(nn.Module):
 
     def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
         """`{base parameter name: ΔW}` for adapter `name`, in float32 (or wider), scaling included."""
+        raise NotImplementedError
+
+    def stacked_factors(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The adapters `names` (in slot order) stacked as in `AdapterStack`, scaling folded in, in `dtype`."""
+        raise LoraError(
+            f"{type(self).__name__} does not support many adapters in one batch: it needs `stacked_factors` "
+            "and `add_stacked_output`"
+        )
+
+    def add_stacked_output(
+        self, result: Any, x: torch.Tensor, factors: dict[str, torch.Tensor], column_gates: torch.Tensor,
+        gates: torch.Tensor,
+    ) -> Any:  # fmt: skip
+        """`result + ((x @ A_cat.T) ⊙ column_gates) @ B_cat.T` (see `AdapterStack`). `column_gates` is
+        `(batch, Σr)` or `(batch, tokens, Σr)`; `gates` the same with one column per stacked adapter."""
         raise NotImplementedError
 
     def check_mergeable(self, name: str) -> None:
@@ -172,9 +228,54 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         result = self.base_layer(x, *args, **kwargs)
+        if self._stack is not None:
+            return self._add_stacked(result, x, self._stack)
         for name in self._forward_adapters:
             result = self.add_adapter_output(result, x, name)
         return result
+
+    # ----- many adapters in one forward ----------------------------------------------------------------
+
+    def stack(self, owner: str, slots: list[str], eval_only: bool = True) -> None:
+        """Stack this layer's adapters among `slots` (the model-wide slot order); `set_stack_gates` next."""
+        present = [name for name in slots if name in self.r]
+        column_slot = [slot for slot, name in enumerate(slots) if name in self.r for _ in range(self.r[name])]
+        present_slot = [slot for slot, name in enumerate(slots) if name in self.r]
+        weight = next(iter(self.base_layer.parameters()), None)
+        device = weight.device if weight is not None else None
+        dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+        with torch.no_grad():
+            factors = self.stacked_factors(present, dtype) if present else {}
+        self._stack = AdapterStack(
+            owner, factors, torch.tensor(column_slot, dtype=torch.long, device=device),
+            torch.tensor(present_slot, dtype=torch.long, device=device), eval_only,
+        )  # fmt: skip
+
+    def set_stack_gates(self, gates: torch.Tensor) -> None:
+        """Set the weights `(batch, n_slots)` or `(batch, tokens, n_slots)` of the stacked forward."""
+        stack = self._stack
+        if stack is None:
+            raise LoraError("set_stack_gates needs stack() first")
+        if stack.factors:
+            gates = gates.to(device=stack.column_slot.device, dtype=next(iter(stack.factors.values())).dtype)
+            stack.column_gates = gates.index_select(-1, stack.column_slot)
+            stack.present_gates = gates.index_select(-1, stack.present_slot)
+
+    def unstack(self) -> None:
+        self._stack = None
+
+    def _add_stacked(self, result: Any, x: torch.Tensor, stack: AdapterStack) -> Any:
+        if not stack.factors:  # no slot's adapter targets this layer
+            return result
+        if stack.eval_only and self.training:
+            raise LoraError(f"{stack.owner}: a mixed batch runs in eval mode only; call model.eval() first")
+        column_gates, gates = stack.column_gates, stack.present_gates
+        if column_gates is None or gates is None or x.shape[0] != gates.shape[0]:
+            rows = "no gates are set" if gates is None else f"there are {gates.shape[0]} adapter names"
+            raise LoraError(f"{stack.owner}: the batch has {x.shape[0]} rows (input shape {tuple(x.shape)}) but {rows}")
+        if x.is_floating_point() and column_gates.dtype != x.dtype:
+            column_gates, gates = column_gates.to(x.dtype), gates.to(x.dtype)
+        return self.add_stacked_output(result, x, stack.factors, column_gates, gates)
 
     # ----- merge --------------------------------------------------------------------------------------
 

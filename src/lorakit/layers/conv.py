@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraConfig
-from ..errors import LoraConfigError, MergeError
-from .base import LoraLayer, adapter_dtype
+from ..errors import LoraConfigError, LoraError, MergeError
+from .base import LoraLayer, adapter_dtype, broadcast_gates
 
 _CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
@@ -57,6 +57,34 @@ class LoraConv(LoraLayer):
         hidden = a._conv_forward(x, a.weight.to(x.dtype), None)
         out = b._conv_forward(hidden, b.weight.to(x.dtype), None if b.bias is None else b.bias.to(x.dtype))
         return result + out * self.scaling[name]
+
+    def stacked_factors(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        if self.base_layer.groups > 1:
+            raise LoraError(
+                f"a {self.conv_type.__name__} with groups={self.base_layer.groups} cannot run several adapters in "
+                "one batch: its adapters' B are grouped convolutions that do not stack"
+            )
+        factors = {
+            "A": torch.cat([self.lora_A[n].weight for n in names]).to(dtype),  # (Σr, in, *k)
+            "B": torch.cat([self.lora_B[n].weight * self.scaling[n] for n in names], dim=1).to(dtype),  # (out, Σr, 1…)
+        }
+        if any(self.lora_B[n].bias is not None for n in names):
+            zeros = self.lora_B[names[0]].weight.new_zeros(self.base_layer.out_channels)
+            biases = [zeros if self.lora_B[n].bias is None else self.lora_B[n].bias * self.scaling[n] for n in names]
+            factors["bias"] = torch.stack(biases).to(dtype)  # (n, out)
+        return factors
+
+    def add_stacked_output(
+        self, result: torch.Tensor, x: torch.Tensor, factors: dict[str, torch.Tensor], column_gates: torch.Tensor,
+        gates: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        # A has the base's kernel, stride, padding, dilation and padding mode (and groups=1, checked above)
+        hidden = self.base_layer._conv_forward(x, factors["A"], None)
+        hidden = hidden * broadcast_gates(column_gates, hidden.ndim, channel_last=False)
+        out = _CONV_FN[self.conv_type](hidden, factors["B"])
+        if "bias" in factors:
+            out = out + broadcast_gates(gates @ factors["bias"], out.ndim, channel_last=False)
+        return result + out
 
     def check_mergeable(self, name: str) -> None:
         super().check_mergeable(name)

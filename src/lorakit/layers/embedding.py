@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import LoraConfigError
-from .base import LoraLayer, adapter_dtype
+from .base import LoraLayer, adapter_dtype, broadcast_gates
 
 
 class LoraEmbedding(LoraLayer):
@@ -46,19 +46,31 @@ class LoraEmbedding(LoraLayer):
             nn.init.zeros_(a)
         nn.init.normal_(b)
 
-    def add_adapter_output(self, result: torch.Tensor, ids: torch.Tensor, name: str) -> torch.Tensor:
+    def _lookup(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Rows of `table` `(num_embeddings, c)` for `ids`, with the base's padding_idx, max_norm, …"""
         base = self.base_layer
+        return F.embedding(
+            ids, table, padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
+        )  # fmt: skip
+
+    def add_adapter_output(self, result: torch.Tensor, ids: torch.Tensor, name: str) -> torch.Tensor:
         dtype = result.dtype
-        hidden = F.embedding(
-            ids,
-            self.lora_embedding_A[name].T.to(dtype),
-            padding_idx=base.padding_idx,
-            max_norm=base.max_norm,
-            norm_type=base.norm_type,
-            scale_grad_by_freq=base.scale_grad_by_freq,
-            sparse=base.sparse,
-        )
+        hidden = self._lookup(ids, self.lora_embedding_A[name].T.to(dtype))
         return result + (hidden @ self.lora_embedding_B[name].T.to(dtype)) * self.scaling[name]
+
+    def stacked_factors(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return {
+            "A_T": torch.cat([self.lora_embedding_A[n] for n in names]).T.to(dtype).contiguous(),  # (num, Σr)
+            "B": torch.cat([self.lora_embedding_B[n] * self.scaling[n] for n in names], dim=1).to(dtype),
+        }
+
+    def add_stacked_output(
+        self, result: torch.Tensor, ids: torch.Tensor, factors: dict[str, torch.Tensor], column_gates: torch.Tensor,
+        gates: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        hidden = self._lookup(ids, factors["A_T"]) * broadcast_gates(column_gates, ids.ndim + 1)
+        return result + hidden @ factors["B"].T
 
     def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
         delta = self.lora_embedding_B[name] @ self.lora_embedding_A[name]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraConfig
-from .base import LoraLayer, adapter_dtype
+from .base import LoraLayer, adapter_dtype, broadcast_gates
 
 
 def is_transformers_conv1d(module: nn.Module) -> bool:
@@ -57,6 +57,28 @@ class LoraLinear(LoraLayer):
         if b.bias is not None:
             out = out + (b.bias * s).to(dtype)
         return out.view(result.shape)
+
+    def stacked_factors(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        factors = {
+            "A": torch.cat([self.lora_A[n].weight for n in names]).to(dtype),
+            "B": torch.cat([self.lora_B[n].weight * self.scaling[n] for n in names], dim=1).to(dtype),
+        }
+        if any(self.lora_B[n].bias is not None for n in names):
+            zeros = self.lora_B[names[0]].weight.new_zeros(self.out_features)
+            biases = [zeros if self.lora_B[n].bias is None else self.lora_B[n].bias * self.scaling[n] for n in names]
+            factors["bias"] = torch.stack(biases).to(dtype)  # (n, out)
+        return factors
+
+    def add_stacked_output(
+        self, result: torch.Tensor, x: torch.Tensor, factors: dict[str, torch.Tensor], column_gates: torch.Tensor,
+        gates: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        hidden = F.linear(x.to(result.dtype), factors["A"]) * broadcast_gates(column_gates, x.ndim)
+        out = torch.addmm(result.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]),
+                          factors["B"].T).view(result.shape)  # fmt: skip
+        if "bias" in factors:
+            out = out + broadcast_gates(gates @ factors["bias"], x.ndim)
+        return out
 
     def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
         a, b = self.lora_A[name], self.lora_B[name]
