@@ -25,7 +25,7 @@ from .model import (
     unload,
     unmerge,
 )
-from .peft_format import load_adapter, lora_state_dict, read_adapter_config, save_adapter
+from .peft_format import hot_swap_adapter, load_adapter, lora_state_dict, read_adapter_config, save_adapter
 from .targets import DEFAULT_TARGET_MODULES
 
 __version__ = "0.1.0"
@@ -49,6 +49,7 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "get_lora_model",
+    "hot_swap_adapter",
     "is_lora_model",
     "lora_layers",
     "load_adapter",

@@ -158,6 +158,22 @@ class LoraLayer(nn.Module):
         `(batch, Σr)` or `(batch, tokens, Σr)`; `gates` the same with one column per stacked adapter."""
         raise NotImplementedError
 
+    def rank_layout(self, name: str) -> dict[str, tuple[int | None, bool]]:
+        """For hot swapping a smaller-rank adapter into adapter `name`'s slot: for each of its parameters (keyed
+        as in `adapter_parameters`), the axis of length r (None if none) and whether it carries the scaling.
+        The default: the first container is A `(r, …)`, the second B `(…, r, …)` whose weight and bias carry s."""
+        first, second = self.adapter_containers[:2]
+        layout: dict[str, tuple[int | None, bool]] = {}
+        for key, param in self.adapter_parameters(name).items():
+            container = key.split(".", 1)[0]
+            if container == first:
+                layout[key] = (0, False)
+            elif container == second:
+                layout[key] = (1 if param.ndim > 1 else None, True)
+            else:
+                raise LoraError(f"{type(self).__name__}: no rank layout for {key!r}; override rank_layout")
+        return layout
+
     def check_mergeable(self, name: str) -> None:
         """Raise `MergeError` if adapter `name` cannot be merged into this base layer."""
         if self.lora_bias.get(name) and getattr(self.base_layer, "bias", None) is None:
