@@ -26,3 +26,4 @@ def test_readme_blocks_run(capsys):
     assert "LlamaForCausalLM 14" in printed
     assert "LoraFusedQKV" in printed
     assert "r must be a positive integer, got 0" in printed
+    assert "targets other modules than adapter 'chat'" in printed
