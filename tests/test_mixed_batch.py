@@ -22,6 +22,14 @@ from lorakit import AdapterError, LoraConfig, LoraError, MergeError
 BASE = "__base__"
 
 
+@pytest.fixture(autouse=True, params=["stacked", "gathered"])
+def linear_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run every test with both of LoraLinear's mixed-batch paths: all adapters stacked, or each row's own
+    A and B gathered (chosen by the number of adapters; forced here)."""
+    monkeypatch.setattr(lorakit.LoraLinear, "gather_from_adapters", 10**9 if request.param == "stacked" else 1)
+    return request.param
+
+
 def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     # Batched and single-row GEMMs may block the sums differently: float32 rounding, scaled to the output
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())

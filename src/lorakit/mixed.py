@@ -67,7 +67,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
             gates[row, slots.index(name)] = 1.0
     try:
         for name, layer in layers:
-            layer.stack(name, slots)
+            layer.stack(name, slots, one_per_row=True)
             layer.set_stack_gates(gates)
         for name, module in saved:
             module.set_row_adapters(name, rows)

@@ -61,7 +61,9 @@ class AdapterStack:
     `gates` G is `(batch, n)`, a weight per row (one-hot in a mixed batch; all zeros means no adapter), or
     `(batch, tokens, n)`, a weight per token (X-LoRA). `column_slot` `(Σr,)` gives each rank column's slot,
     `present_slot` each stacked adapter's; the gates expanded by them are kept, so a fixed G costs nothing
-    per forward.
+    per forward. With `one_per_row` (a mixed batch), `row_adapter` `(batch,)` also gives each row's stacked
+    adapter (`len(present_slot)` for none): a layer may then gather each row's own A and B instead, which
+    costs r_i per token rather than Σr (`LoraLinear` does, for many adapters).
     """
 
     owner: str  # the layer's name in the model, for error messages
@@ -69,8 +71,15 @@ class AdapterStack:
     column_slot: torch.Tensor
     present_slot: torch.Tensor
     eval_only: bool = True
+    one_per_row: bool = False
     column_gates: torch.Tensor | None = None
     present_gates: torch.Tensor | None = None
+    row_adapter: torch.Tensor | None = None
+
+    def gates_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(column_gates, present_gates)` in `dtype`."""
+        assert self.column_gates is not None and self.present_gates is not None
+        return self.column_gates.to(dtype), self.present_gates.to(dtype)
 
 
 class LoraLayer(nn.Module):
@@ -143,19 +152,18 @@ class LoraLayer(nn.Module):
         """`{base parameter name: ΔW}` for adapter `name`, in float32 (or wider), scaling included."""
         raise NotImplementedError
 
-    def stacked_factors(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The adapters `names` (in slot order) stacked as in `AdapterStack`, scaling folded in, in `dtype`."""
+    def stacked_factors(self, names: list[str], dtype: torch.dtype, one_per_row: bool) -> dict[str, torch.Tensor]:
+        """The adapters `names` (in slot order) stacked as in `AdapterStack`, scaling folded in, in `dtype`.
+        `one_per_row`: the gates will be one-hot rows, so a per-row layout may be chosen instead."""
         raise LoraError(
             f"{type(self).__name__} does not support many adapters in one batch: it needs `stacked_factors` "
             "and `add_stacked_output`"
         )
 
-    def add_stacked_output(
-        self, result: Any, x: torch.Tensor, factors: dict[str, torch.Tensor], column_gates: torch.Tensor,
-        gates: torch.Tensor,
-    ) -> Any:  # fmt: skip
-        """`result + ((x @ A_cat.T) ⊙ column_gates) @ B_cat.T` (see `AdapterStack`). `column_gates` is
-        `(batch, Σr)` or `(batch, tokens, Σr)`; `gates` the same with one column per stacked adapter."""
+    def add_stacked_output(self, result: Any, x: torch.Tensor, stack: AdapterStack) -> Any:
+        """`result + ((x @ A_cat.T) ⊙ column_gates) @ B_cat.T` with `stack.factors` (see `AdapterStack`);
+        `stack.column_gates` is `(batch, Σr)` or `(batch, tokens, Σr)`, `stack.present_gates` the same with one
+        column per stacked adapter."""
         raise NotImplementedError
 
     def rank_layout(self, name: str) -> dict[str, tuple[int | None, bool]]:
@@ -252,8 +260,9 @@ class LoraLayer(nn.Module):
 
     # ----- many adapters in one forward ----------------------------------------------------------------
 
-    def stack(self, owner: str, slots: list[str], eval_only: bool = True) -> None:
-        """Stack this layer's adapters among `slots` (the model-wide slot order); `set_stack_gates` next."""
+    def stack(self, owner: str, slots: list[str], eval_only: bool = True, one_per_row: bool = False) -> None:
+        """Stack this layer's adapters among `slots` (the model-wide slot order); `set_stack_gates` next.
+        `one_per_row`: every gate row will be one-hot or zero (a mixed batch)."""
         present = [name for name in slots if name in self.r]
         column_slot = [slot for slot, name in enumerate(slots) if name in self.r for _ in range(self.r[name])]
         present_slot = [slot for slot, name in enumerate(slots) if name in self.r]
@@ -261,10 +270,10 @@ class LoraLayer(nn.Module):
         device = weight.device if weight is not None else None
         dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
         with torch.no_grad():
-            factors = self.stacked_factors(present, dtype) if present else {}
+            factors = self.stacked_factors(present, dtype, one_per_row) if present else {}
         self._stack = AdapterStack(
             owner, factors, torch.tensor(column_slot, dtype=torch.long, device=device),
-            torch.tensor(present_slot, dtype=torch.long, device=device), eval_only,
+            torch.tensor(present_slot, dtype=torch.long, device=device), eval_only, one_per_row,
         )  # fmt: skip
 
     def set_stack_gates(self, gates: torch.Tensor) -> None:
@@ -276,6 +285,10 @@ class LoraLayer(nn.Module):
             gates = gates.to(device=stack.column_slot.device, dtype=next(iter(stack.factors.values())).dtype)
             stack.column_gates = gates.index_select(-1, stack.column_slot)
             stack.present_gates = gates.index_select(-1, stack.present_slot)
+            if stack.one_per_row:
+                none = torch.full_like(stack.present_slot[:1], len(stack.present_slot))
+                has_one = stack.present_gates.any(-1)
+                stack.row_adapter = torch.where(has_one, stack.present_gates.argmax(-1), none)
 
     def unstack(self) -> None:
         self._stack = None
@@ -285,13 +298,11 @@ class LoraLayer(nn.Module):
             return result
         if stack.eval_only and self.training:
             raise LoraError(f"{stack.owner}: a mixed batch runs in eval mode only; call model.eval() first")
-        column_gates, gates = stack.column_gates, stack.present_gates
-        if column_gates is None or gates is None or x.shape[0] != gates.shape[0]:
+        gates = stack.present_gates
+        if gates is None or x.shape[0] != gates.shape[0]:
             rows = "no gates are set" if gates is None else f"there are {gates.shape[0]} adapter names"
             raise LoraError(f"{stack.owner}: the batch has {x.shape[0]} rows (input shape {tuple(x.shape)}) but {rows}")
-        if x.is_floating_point() and column_gates.dtype != x.dtype:
-            column_gates, gates = column_gates.to(x.dtype), gates.to(x.dtype)
-        return self.add_stacked_output(result, x, stack.factors, column_gates, gates)
+        return self.add_stacked_output(result, x, stack)
 
     # ----- merge --------------------------------------------------------------------------------------
 

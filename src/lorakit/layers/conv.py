@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import LoraConfigError, LoraError, MergeError
-from .base import LoraLayer, adapter_dtype, broadcast_gates
+from .base import AdapterStack, LoraLayer, adapter_dtype, broadcast_gates
 
 _CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
@@ -58,7 +58,7 @@ class LoraConv(LoraLayer):
         out = b._conv_forward(hidden, b.weight.to(x.dtype), None if b.bias is None else b.bias.to(x.dtype))
         return result + out * self.scaling[name]
 
-    def stacked_factors(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def stacked_factors(self, names: list[str], dtype: torch.dtype, one_per_row: bool) -> dict[str, torch.Tensor]:
         if self.base_layer.groups > 1:
             raise LoraError(
                 f"a {self.conv_type.__name__} with groups={self.base_layer.groups} cannot run several adapters in "
@@ -74,10 +74,9 @@ class LoraConv(LoraLayer):
             factors["bias"] = torch.stack(biases).to(dtype)  # (n, out)
         return factors
 
-    def add_stacked_output(
-        self, result: torch.Tensor, x: torch.Tensor, factors: dict[str, torch.Tensor], column_gates: torch.Tensor,
-        gates: torch.Tensor,
-    ) -> torch.Tensor:  # fmt: skip
+    def add_stacked_output(self, result: torch.Tensor, x: torch.Tensor, stack: AdapterStack) -> torch.Tensor:
+        factors = stack.factors
+        column_gates, gates = stack.gates_in(result.dtype)
         # A has the base's kernel, stride, padding, dilation and padding mode (and groups=1, checked above)
         hidden = self.base_layer._conv_forward(x, factors["A"], None)
         hidden = hidden * broadcast_gates(column_gates, hidden.ndim, channel_last=False)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import LoraConfigError
-from .base import LoraLayer, adapter_dtype, broadcast_gates
+from .base import AdapterStack, LoraLayer, adapter_dtype, broadcast_gates
 
 
 class LoraEmbedding(LoraLayer):
@@ -59,18 +59,16 @@ class LoraEmbedding(LoraLayer):
         hidden = self._lookup(ids, self.lora_embedding_A[name].T.to(dtype))
         return result + (hidden @ self.lora_embedding_B[name].T.to(dtype)) * self.scaling[name]
 
-    def stacked_factors(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def stacked_factors(self, names: list[str], dtype: torch.dtype, one_per_row: bool) -> dict[str, torch.Tensor]:
         return {
             "A_T": torch.cat([self.lora_embedding_A[n] for n in names]).T.to(dtype).contiguous(),  # (num, Σr)
             "B": torch.cat([self.lora_embedding_B[n] * self.scaling[n] for n in names], dim=1).to(dtype),
         }
 
-    def add_stacked_output(
-        self, result: torch.Tensor, ids: torch.Tensor, factors: dict[str, torch.Tensor], column_gates: torch.Tensor,
-        gates: torch.Tensor,
-    ) -> torch.Tensor:  # fmt: skip
-        hidden = self._lookup(ids, factors["A_T"]) * broadcast_gates(column_gates, ids.ndim + 1)
-        return result + hidden @ factors["B"].T
+    def add_stacked_output(self, result: torch.Tensor, ids: torch.Tensor, stack: AdapterStack) -> torch.Tensor:
+        column_gates, _ = stack.gates_in(result.dtype)
+        hidden = self._lookup(ids, stack.factors["A_T"]) * broadcast_gates(column_gates, ids.ndim + 1)
+        return result + hidden @ stack.factors["B"].T
 
     def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
         delta = self.lora_embedding_B[name] @ self.lora_embedding_A[name]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraConfig
-from .base import LoraLayer, adapter_dtype, broadcast_gates
+from .base import AdapterStack, LoraLayer, adapter_dtype, broadcast_gates
 
 
 def is_transformers_conv1d(module: nn.Module) -> bool:
@@ -58,24 +58,47 @@ class LoraLinear(LoraLayer):
             out = out + (b.bias * s).to(dtype)
         return out.view(result.shape)
 
-    def stacked_factors(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        factors = {
-            "A": torch.cat([self.lora_A[n].weight for n in names]).to(dtype),
-            "B": torch.cat([self.lora_B[n].weight * self.scaling[n] for n in names], dim=1).to(dtype),
-        }
+    #: With one adapter per row, from this many stacked adapters on, each row gathers its own A and B
+    #: (cost r per token) instead of multiplying by all of them (cost Σr per token); measured in
+    #: benchmarks/mixed_batch.py.
+    gather_from_adapters = 8
+
+    def stacked_factors(self, names: list[str], dtype: torch.dtype, one_per_row: bool) -> dict[str, torch.Tensor]:
+        factors: dict[str, torch.Tensor] = {}
+        if one_per_row and len(names) >= self.gather_from_adapters:
+            # (n + 1, r_max, in) and (n + 1, out, r_max): zero-padded to the largest rank, plus a zero adapter
+            # for rows without one
+            r_max = max(self.r[n] for n in names)
+            a_rows = self.lora_A[names[0]].weight.new_zeros(len(names) + 1, r_max, self.in_features)
+            b_rows = self.lora_B[names[0]].weight.new_zeros(len(names) + 1, self.out_features, r_max)
+            for i, n in enumerate(names):
+                a_rows[i, : self.r[n]] = self.lora_A[n].weight
+                b_rows[i, :, : self.r[n]] = self.lora_B[n].weight * self.scaling[n]
+            factors["A_rows"], factors["B_rows"] = a_rows.to(dtype), b_rows.to(dtype)
+        else:
+            factors["A"] = torch.cat([self.lora_A[n].weight for n in names]).to(dtype)
+            factors["B"] = torch.cat([self.lora_B[n].weight * self.scaling[n] for n in names], dim=1).to(dtype)
         if any(self.lora_B[n].bias is not None for n in names):
             zeros = self.lora_B[names[0]].weight.new_zeros(self.out_features)
             biases = [zeros if self.lora_B[n].bias is None else self.lora_B[n].bias * self.scaling[n] for n in names]
             factors["bias"] = torch.stack(biases).to(dtype)  # (n, out)
         return factors
 
-    def add_stacked_output(
-        self, result: torch.Tensor, x: torch.Tensor, factors: dict[str, torch.Tensor], column_gates: torch.Tensor,
-        gates: torch.Tensor,
-    ) -> torch.Tensor:  # fmt: skip
-        hidden = F.linear(x.to(result.dtype), factors["A"]) * broadcast_gates(column_gates, x.ndim)
-        out = torch.addmm(result.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]),
-                          factors["B"].T).view(result.shape)  # fmt: skip
+    def add_stacked_output(self, result: torch.Tensor, x: torch.Tensor, stack: AdapterStack) -> torch.Tensor:
+        factors = stack.factors
+        x = x.to(result.dtype)
+        column_gates, gates = stack.gates_in(result.dtype)
+        if "A_rows" in factors:  # row i: result_i + (x_i @ A_rows[k].T) @ B_rows[k].T, k = its adapter
+            rows = x.reshape(x.shape[0], -1, self.in_features)  # (batch, tokens, in)
+            a_rows = factors["A_rows"].index_select(0, stack.row_adapter)
+            b_rows = factors["B_rows"].index_select(0, stack.row_adapter)
+            hidden = torch.bmm(rows, a_rows.transpose(1, 2))
+            out = torch.baddbmm(result.reshape(rows.shape[0], -1, self.out_features), hidden, b_rows.transpose(1, 2))
+            out = out.view(result.shape)
+        else:
+            hidden = F.linear(x, factors["A"]) * broadcast_gates(column_gates, x.ndim)
+            out = torch.addmm(result.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]),
+                              factors["B"].T).view(result.shape)  # fmt: skip
         if "bias" in factors:
             out = out + broadcast_gates(gates @ factors["bias"], x.ndim)
         return out
