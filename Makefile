@@ -29,7 +29,7 @@ test: lint
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/run.py --write BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
