@@ -27,6 +27,7 @@ from .model import (
 )
 from .peft_format import hot_swap_adapter, load_adapter, lora_state_dict, read_adapter_config, save_adapter
 from .targets import DEFAULT_TARGET_MODULES
+from .xlora import XLoraConfig, get_xlora_model, latest_scalings
 
 __version__ = "0.1.0"
 
@@ -43,14 +44,17 @@ __all__ = [
     "MergeError",
     "ModulesToSave",
     "TargetError",
+    "XLoraConfig",
     "active_adapters",
     "adapter_names",
     "add_adapter",
     "delete_adapter",
     "disable_adapters",
     "get_lora_model",
+    "get_xlora_model",
     "hot_swap_adapter",
     "is_lora_model",
+    "latest_scalings",
     "lora_layers",
     "load_adapter",
     "lora_state_dict",

@@ -72,6 +72,8 @@ class AdapterStack:
     present_slot: torch.Tensor
     eval_only: bool = True
     one_per_row: bool = False
+    dropout: float = 0.0  # in training, on the input: the largest of the stacked adapters' lora_dropout
+    skip: bool = False  # run the base layer only (X-LoRA's scaling pass with weights 0)
     column_gates: torch.Tensor | None = None
     present_gates: torch.Tensor | None = None
     row_adapter: torch.Tensor | None = None
@@ -252,7 +254,7 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         result = self.base_layer(x, *args, **kwargs)
-        if self._stack is not None:
+        if self._stack is not None and not self.disabled:
             return self._add_stacked(result, x, self._stack)
         for name in self._forward_adapters:
             result = self.add_adapter_output(result, x, name)
@@ -260,20 +262,24 @@ class LoraLayer(nn.Module):
 
     # ----- many adapters in one forward ----------------------------------------------------------------
 
-    def stack(self, owner: str, slots: list[str], eval_only: bool = True, one_per_row: bool = False) -> None:
+    def stack(
+        self, owner: str, slots: list[str], eval_only: bool = True, one_per_row: bool = False, with_grad: bool = False
+    ) -> None:
         """Stack this layer's adapters among `slots` (the model-wide slot order); `set_stack_gates` next.
-        `one_per_row`: every gate row will be one-hot or zero (a mixed batch)."""
+        `one_per_row`: every gate row will be one-hot or zero (a mixed batch). `with_grad`: the stacked weights
+        stay connected to the adapters' parameters (to train them; restack after every optimizer step)."""
         present = [name for name in slots if name in self.r]
         column_slot = [slot for slot, name in enumerate(slots) if name in self.r for _ in range(self.r[name])]
         present_slot = [slot for slot, name in enumerate(slots) if name in self.r]
         weight = next(iter(self.base_layer.parameters()), None)
         device = weight.device if weight is not None else None
         dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
-        with torch.no_grad():
+        with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
             factors = self.stacked_factors(present, dtype, one_per_row) if present else {}
         self._stack = AdapterStack(
             owner, factors, torch.tensor(column_slot, dtype=torch.long, device=device),
             torch.tensor(present_slot, dtype=torch.long, device=device), eval_only, one_per_row,
+            max((self.lora_dropout_p[n] for n in present), default=0.0),
         )  # fmt: skip
 
     def set_stack_gates(self, gates: torch.Tensor) -> None:
@@ -294,7 +300,7 @@ class LoraLayer(nn.Module):
         self._stack = None
 
     def _add_stacked(self, result: Any, x: torch.Tensor, stack: AdapterStack) -> Any:
-        if not stack.factors:  # no slot's adapter targets this layer
+        if not stack.factors or stack.skip:  # no slot's adapter targets this layer, or told to skip
             return result
         if stack.eval_only and self.training:
             raise LoraError(f"{stack.owner}: a mixed batch runs in eval mode only; call model.eval() first")

@@ -76,6 +76,8 @@ class LoraConv(LoraLayer):
 
     def add_stacked_output(self, result: torch.Tensor, x: torch.Tensor, stack: AdapterStack) -> torch.Tensor:
         factors = stack.factors
+        if stack.dropout and self.training:
+            x = F.dropout(x, stack.dropout, training=True)
         column_gates, gates = stack.gates_in(result.dtype)
         # A has the base's kernel, stride, padding, dilation and padding mode (and groups=1, checked above)
         hidden = self.base_layer._conv_forward(x, factors["A"], None)

@@ -87,6 +87,8 @@ class LoraLinear(LoraLayer):
     def add_stacked_output(self, result: torch.Tensor, x: torch.Tensor, stack: AdapterStack) -> torch.Tensor:
         factors = stack.factors
         x = x.to(result.dtype)
+        if stack.dropout and self.training:
+            x = F.dropout(x, stack.dropout, training=True)
         column_gates, gates = stack.gates_in(result.dtype)
         if "A_rows" in factors:  # row i: result_i + (x_i @ A_rows[k].T) @ B_rows[k].T, k = its adapter
             rows = x.reshape(x.shape[0], -1, self.in_features)  # (batch, tokens, in)
