@@ -8,7 +8,8 @@ the first round checks that lorakit's and peft's mixed outputs agree. Contenders
 - base:    the plain model (no LoRA layers): the floor;
 - single:  lorakit with one adapter active for every row: what one adapter costs;
 - lorakit: `with lorakit.mixed_batch(model, names)`, its default path (all adapters stacked into one pair
-           of GEMMs, or, from `LoraLinear.gather_from_adapters` adapters on, each row's own A and B gathered);
+           of GEMMs, or each row's own A and B gathered: `LoraLinear.use_gathered` picks by adapters and
+           tokens per row);
 - lorakit stacked / lorakit gathered: the two paths forced, which is how the default was chosen;
 - peft:    `model(..., adapter_names=names)`, which loops over the distinct adapters.
 
@@ -55,14 +56,15 @@ HEADERS = ("shape", "adapters", "base ms", "single ms", "lorakit ms", "peft ms",
 
 
 @contextmanager
-def gather_from(adapters: int) -> Iterator[None]:
-    """Force `LoraLinear`'s choice between the stacked and the gathered path."""
-    previous = lorakit.LoraLinear.gather_from_adapters
-    lorakit.LoraLinear.gather_from_adapters = adapters
+def forced_path(gathered: bool | None) -> Iterator[None]:
+    """Force `LoraLinear`'s choice between the stacked and the gathered path (None: its own choice)."""
+    previous = lorakit.LoraLinear.__dict__["use_gathered"]
+    if gathered is not None:
+        lorakit.LoraLinear.use_gathered = staticmethod(lambda adapters, tokens_per_row: gathered)
     try:
         yield
     finally:
-        lorakit.LoraLinear.gather_from_adapters = previous
+        lorakit.LoraLinear.use_gathered = previous
 
 
 def build_models(shape: MixedShape, preset: Preset, count: int) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -99,10 +101,9 @@ def contenders(
 
         return forward
 
-    def mixed(gather: int | None) -> Callable[[], object]:
+    def mixed(gathered: bool | None) -> Callable[[], object]:
         def forward() -> object:
-            path = gather_from(gather or lorakit.LoraLinear.gather_from_adapters)
-            with torch.no_grad(), path, lorakit.mixed_batch(lk, names):
+            with torch.no_grad(), forced_path(gathered), lorakit.mixed_batch(lk, names):
                 return lk(inputs_embeds=inputs).last_hidden_state
 
         return forward
@@ -112,8 +113,8 @@ def contenders(
         "base": plain(base),
         "single": plain(lk),
         "lorakit": mixed(None),
-        "lorakit stacked": mixed(10**9),
-        "lorakit gathered": mixed(1),
+        "lorakit stacked": mixed(False),
+        "lorakit gathered": mixed(True),
         "peft": plain(pf, adapter_names=names),
     }
 
@@ -151,8 +152,8 @@ def run(preset: Preset) -> str:
         "### Mixed batches (many adapters in one batch)\n\n"
         f"Llama-shaped `LlamaModel` ({shape.model.describe()}), {shape.dtype}, LoRA r={preset.rank} on all "
         f"linear layers, non-zero adapters; {shape.rows} rows, row i uses adapter i mod n. {preset.rounds} rounds "
-        f"× {preset.repeats} forwards, interleaved. `lorakit` is its default path (gathered from "
-        f"{lorakit.LoraLinear.gather_from_adapters} adapters on); the last column compares the two paths "
-        "forced. lorakit's mixed outputs agree with peft's to a relative "
+        f"× {preset.repeats} forwards, interleaved. `lorakit` is its default path (`LoraLinear.use_gathered`: "
+        "gathered from 16 adapters on, or from 4 with 8 or more tokens per row); the last column compares the "
+        "two paths forced. lorakit's mixed outputs agree with peft's to a relative "
         f"{max(notes):.1e} at most.\n\n" + harness.table(HEADERS, rows)
     )

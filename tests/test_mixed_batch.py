@@ -26,7 +26,8 @@ BASE = "__base__"
 def linear_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run every test with both of LoraLinear's mixed-batch paths: all adapters stacked, or each row's own
     A and B gathered (chosen by the number of adapters; forced here)."""
-    monkeypatch.setattr(lorakit.LoraLinear, "gather_from_adapters", 10**9 if request.param == "stacked" else 1)
+    gathered = request.param == "gathered"
+    monkeypatch.setattr(lorakit.LoraLinear, "use_gathered", staticmethod(lambda adapters, tokens: gathered))
     return request.param
 
 

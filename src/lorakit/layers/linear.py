@@ -58,23 +58,26 @@ class LoraLinear(LoraLayer):
             out = out + (b.bias * s).to(dtype)
         return out.view(result.shape)
 
-    #: With one adapter per row, from this many stacked adapters on, each row gathers its own A and B
-    #: (cost r per token) instead of multiplying by all of them (cost Σr per token); measured in
-    #: benchmarks/mixed_batch.py.
-    gather_from_adapters = 8
+    @staticmethod
+    def use_gathered(adapters: int, tokens_per_row: int) -> bool:
+        """With one adapter per row: whether each row gathers its own A and B (cost r per token, plus a copy
+        of the used adapters) rather than multiplying by all of them (cost Σr per token). The thresholds are
+        where gathering measured faster on CPU (benchmarks/mixed_batch.py): from 4 adapters for prompts of
+        8 tokens or more per row, from 16 for decoding."""
+        return adapters >= 16 or (adapters >= 4 and tokens_per_row >= 8)
 
     def stacked_factors(self, names: list[str], dtype: torch.dtype, one_per_row: bool) -> dict[str, torch.Tensor]:
         factors: dict[str, torch.Tensor] = {}
-        if one_per_row and len(names) >= self.gather_from_adapters:
-            # (n + 1, r_max, in) and (n + 1, out, r_max): zero-padded to the largest rank, plus a zero adapter
-            # for rows without one
+        if one_per_row:
+            # (n + 1, r_max, in) and (n + 1, r_max, out): A and (s·B).T zero-padded to the largest rank, plus a
+            # zero adapter for rows without one. Their first n entries, reshaped, are A_cat and B_cat.T.
             r_max = max(self.r[n] for n in names)
             a_rows = self.lora_A[names[0]].weight.new_zeros(len(names) + 1, r_max, self.in_features)
-            b_rows = self.lora_B[names[0]].weight.new_zeros(len(names) + 1, self.out_features, r_max)
+            bt_rows = self.lora_B[names[0]].weight.new_zeros(len(names) + 1, r_max, self.out_features)
             for i, n in enumerate(names):
                 a_rows[i, : self.r[n]] = self.lora_A[n].weight
-                b_rows[i, :, : self.r[n]] = self.lora_B[n].weight * self.scaling[n]
-            factors["A_rows"], factors["B_rows"] = a_rows.to(dtype), b_rows.to(dtype)
+                bt_rows[i, : self.r[n]] = (self.lora_B[n].weight * self.scaling[n]).T
+            factors["A_rows"], factors["Bt_rows"] = a_rows.to(dtype), bt_rows.to(dtype)
         else:
             factors["A"] = torch.cat([self.lora_A[n].weight for n in names]).to(dtype)
             factors["B"] = torch.cat([self.lora_B[n].weight * self.scaling[n] for n in names], dim=1).to(dtype)
@@ -90,13 +93,8 @@ class LoraLinear(LoraLayer):
         if stack.dropout and self.training:
             x = F.dropout(x, stack.dropout, training=True)
         column_gates, gates = stack.gates_in(result.dtype)
-        if "A_rows" in factors:  # row i: result_i + (x_i @ A_rows[k].T) @ B_rows[k].T, k = its adapter
-            rows = x.reshape(x.shape[0], -1, self.in_features)  # (batch, tokens, in)
-            a_rows = factors["A_rows"].index_select(0, stack.row_adapter)
-            b_rows = factors["B_rows"].index_select(0, stack.row_adapter)
-            hidden = torch.bmm(rows, a_rows.transpose(1, 2))
-            out = torch.baddbmm(result.reshape(rows.shape[0], -1, self.out_features), hidden, b_rows.transpose(1, 2))
-            out = out.view(result.shape)
+        if "A_rows" in factors:
+            out = self._one_adapter_per_row(result, x, factors["A_rows"], factors["Bt_rows"], gates, stack.row_adapter)
         else:
             hidden = F.linear(x, factors["A"]) * broadcast_gates(column_gates, x.ndim)
             out = torch.addmm(result.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]),
@@ -104,6 +102,24 @@ class LoraLinear(LoraLayer):
         if "bias" in factors:
             out = out + broadcast_gates(gates @ factors["bias"], x.ndim)
         return out
+
+    def _one_adapter_per_row(
+        self, result: torch.Tensor, x: torch.Tensor, a_rows: torch.Tensor, bt_rows: torch.Tensor,
+        gates: torch.Tensor, row_adapter: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        n, r_max = a_rows.shape[0] - 1, a_rows.shape[1]
+        rows = x.reshape(x.shape[0], -1, self.in_features)  # (batch, tokens, in)
+        if self.use_gathered(n, rows.shape[1]):  # row i: result_i + (x_i @ A_k.T) @ (s·B_k).T, k its adapter
+            hidden = torch.bmm(rows, a_rows.index_select(0, row_adapter).transpose(1, 2))
+            out = torch.baddbmm(result.reshape(rows.shape[0], -1, self.out_features), hidden,
+                                bt_rows.index_select(0, row_adapter))  # fmt: skip
+            return out.view(result.shape)
+        # all adapters at once: ((x @ A_cat.T) ⊙ S) @ B_cat.T, S one-hot per row over each adapter's r_max columns
+        hidden = F.linear(x, a_rows[:n].reshape(n * r_max, self.in_features))
+        hidden = hidden * broadcast_gates(gates.repeat_interleave(r_max, dim=-1), x.ndim)
+        out = torch.addmm(result.reshape(-1, self.out_features), hidden.reshape(-1, n * r_max),
+                          bt_rows[:n].reshape(n * r_max, self.out_features))  # fmt: skip
+        return out.view(result.shape)
 
     def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
         a, b = self.lora_A[name], self.lora_B[name]
