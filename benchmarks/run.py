@@ -7,8 +7,8 @@
     python benchmarks/run.py --write BENCHMARKS.md    # also replace the preset's generated section there
 
 Benchmarks (one module each in benchmarks/, shared timing and tables in harness.py, presets in workloads.py):
-train, inference, merge, convert, memory, mixed_batch. Contenders are interleaved over several rounds in one run and
-compared by per-round ratios; run it on a quiet machine, as anything else running skews the ratios.
+train, inference, merge, convert, memory, mixed_batch, xlora. Contenders are interleaved over several rounds in one
+run and compared by per-round ratios; run it on a quiet machine, as anything else running skews the ratios.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import memory  # noqa: E402
 import merge  # noqa: E402
 import mixed_batch  # noqa: E402
 import train  # noqa: E402
+import xlora  # noqa: E402
 from workloads import PRESETS, Preset, torch_dtype  # noqa: E402
 
 # transformers 5 deprecates a method peft 0.21 still calls; the warning says nothing about the benchmarks
@@ -47,6 +48,7 @@ BENCHMARKS: dict[str, Callable[[Preset], str]] = {
     "convert": convert.run,
     "memory": memory.run,
     "mixed_batch": mixed_batch.run,
+    "xlora": xlora.run,
 }
 
 

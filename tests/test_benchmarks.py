@@ -25,6 +25,7 @@ TABLE_HEADERS = [
     "| dtype | measure | floor MiB | lorakit MiB | peft MiB | lorakit / peft | lorakit / floor |",
     "| shape | adapters | base ms | single ms | lorakit ms | peft ms | lorakit / peft | lorakit / single | "
     "lorakit / base | stacked / gathered |",
+    "| experts | work | base | lorakit | peft | lorakit / base | lorakit / peft |",
 ]
 
 BEFORE = "# Benchmarks\n\nHand-written prose before the section, kept as it is.\n\n## Tiny\n\n"

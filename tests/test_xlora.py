@@ -193,3 +193,79 @@ def test_a_foreign_cache_is_refused(experts: tuple[nn.Module, dict[str, str]], t
         prefix = getattr(output, "cache", None) or output.past_key_values
         with pytest.raises(LoraError, match="has not followed"):
             lk(input_ids=ids[:, -1:], past_key_values=prefix, use_cache=True)
+
+
+# ----- on disk ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["xlora", "peft"])
+def test_save_and_load_round_trip(experts: tuple[nn.Module, dict[str, str]], tmp_path: Path, layout: str) -> None:
+    base, directories = experts
+    fields = {"layerwise_scalings": True, "xlora_depth": 2, "xlora_size": 16, "top_k_lora": 2}
+    lk, _ = build_pair(base, directories, fields)
+    lorakit.save_xlora(lk, tmp_path / "saved", layout=layout)
+    loaded = lorakit.load_xlora(copy.deepcopy(base), tmp_path / "saved")
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, lk(input_ids=ids).logits, rtol=0, atol=0)
+    assert lorakit.adapter_names(loaded) == ["0", "1", "2"]
+
+
+def test_peft_loads_lorakits_peft_layout(experts: tuple[nn.Module, dict[str, str]], tmp_path: Path) -> None:
+    base, directories = experts
+    lk, _ = build_pair(base, directories, {"xlora_depth": 2, "xlora_size": 16})
+    saved = lorakit.save_xlora(lk, tmp_path / "saved", layout="peft")
+    plain = copy.deepcopy(base)
+    plain.config.use_cache = False
+    pf = peft.PeftModel.from_pretrained(plain, saved).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        _close(lk(input_ids=ids).logits, pf(input_ids=ids).logits)
+
+
+def test_peft_saved_xlora_has_no_classifier_and_is_refused(
+    experts: tuple[nn.Module, dict[str, str]], tmp_path: Path
+) -> None:
+    """peft 0.21 saves an X-LoRA model without its classifier (an empty weights file): loading it would silently
+    give a random classifier, so lorakit refuses it, saying why."""
+    base, directories = experts
+    _, pf = build_pair(base, directories, {"layerwise_scalings": True})
+    pf.save_pretrained(tmp_path / "peft")
+    model = copy.deepcopy(base)
+    with pytest.raises(LoraError, match="drops the X-LoRA classifier"):
+        lorakit.load_xlora(model, tmp_path / "peft", adapters=directories)
+    assert not lorakit.is_lora_model(model)
+
+
+def test_bad_classifier_file_leaves_the_model_plain(experts: tuple[nn.Module, dict[str, str]], tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    base, directories = experts
+    lk, _ = build_pair(base, directories, {})
+    saved = lorakit.save_xlora(lk, tmp_path / "saved")
+    tensors = load_file(saved / "xlora_classifier.safetensors")
+    tensors["last.weight"] = tensors["last.weight"][:, :-1].contiguous()
+    save_file(tensors, saved / "xlora_classifier.safetensors")
+    model = copy.deepcopy(base)
+    with pytest.raises(LoraError, match=r"'last.weight' has shape \[3, 31\], expected \[3, 32\]"):
+        lorakit.load_xlora(model, saved)
+    assert not lorakit.is_lora_model(model) and not hasattr(model, "xlora_classifier")
+    (saved / "xlora_config.json").write_text('{"adapters": {"../up": "x"}}')
+    with pytest.raises(LoraError, match="cannot be a directory name"):
+        lorakit.load_xlora(model, saved)
+
+
+def test_it_learns_to_route() -> None:
+    """examples/xlora_routing.py (quick): two experts trained on two tasks; the trained classifier sends each
+    task's tokens mostly to that task's expert, and the mixture beats either expert alone on the mixed task."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "xlora_routing.py"
+    spec = importlib.util.spec_from_file_location("xlora_routing", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.run(quick=True)
+    up, down = result["routing"]["up"], result["routing"]["down"]
+    assert up[0] > 0.6 and down[1] > 0.6, result["routing"]
+    losses = result["losses"]
+    assert losses["X-LoRA"] < losses["expert 'up' alone"] and losses["X-LoRA"] < losses["expert 'down' alone"], losses

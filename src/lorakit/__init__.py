@@ -27,7 +27,8 @@ from .model import (
 )
 from .peft_format import hot_swap_adapter, load_adapter, lora_state_dict, read_adapter_config, save_adapter
 from .targets import DEFAULT_TARGET_MODULES
-from .xlora import XLoraConfig, get_xlora_model, latest_scalings
+from .xlora import XLoraConfig, get_xlora_model, latest_scalings, remove_xlora
+from .xlora_format import export_xlora_mistralrs, load_xlora, save_xlora
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,7 @@ __all__ = [
     "add_adapter",
     "delete_adapter",
     "disable_adapters",
+    "export_xlora_mistralrs",
     "get_lora_model",
     "get_xlora_model",
     "hot_swap_adapter",
@@ -57,13 +59,16 @@ __all__ = [
     "latest_scalings",
     "lora_layers",
     "load_adapter",
+    "load_xlora",
     "lora_state_dict",
     "merge",
     "merge_and_unload",
     "mixed_batch",
     "read_adapter_config",
     "register_lora_layer",
+    "remove_xlora",
     "save_adapter",
+    "save_xlora",
     "set_active_adapters",
     "trainable_parameters",
     "unload",

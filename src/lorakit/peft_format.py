@@ -118,9 +118,8 @@ def peft_config_dict(config: LoraConfig, model: nn.Module | None = None) -> dict
     return dict(sorted({**_PEFT_OFF_FIELDS, **fields, "peft_type": "LORA"}.items()))
 
 
-def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
-    """Parse and validate `adapter_config.json` in `directory`; any problem is a `LoraError`."""
-    path = Path(directory) / CONFIG_NAME
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from a regular file of at most 16 MiB, without NaN/Infinity; any problem is a `LoraError`."""
     if not path.is_file():  # also refuses FIFOs and devices, which could block or never end
         raise LoraError(f"{path} is missing or not a regular file")
     try:
@@ -136,6 +135,13 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
         raise LoraError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise LoraError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
+    """Parse and validate `adapter_config.json` in `directory`; any problem is a `LoraError`."""
+    path = Path(directory) / CONFIG_NAME
+    data = read_json_object(path)
     peft_type = data.get("peft_type")
     if peft_type != "LORA":
         raise LoraError(f"{path}: peft_type is {peft_type!r}, lorakit loads 'LORA' adapters")
@@ -156,9 +162,8 @@ def _reject_constant(name: str) -> None:
 # ----- save ---------------------------------------------------------------------------------------------
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
-    """Write adapter `adapter_name` to `directory` as peft does: `adapter_config.json` and
-    `adapter_model.safetensors`. Each file is replaced atomically; returns the directory's path."""
+def adapter_files(model: nn.Module, adapter_name: str = "default") -> dict[str, bytes]:
+    """The bytes of `adapter_config.json` and `adapter_model.safetensors` for adapter `adapter_name`."""
     from safetensors.torch import save as safetensors_bytes
 
     config = lora_state(model).configs.get(adapter_name)
@@ -166,11 +171,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         key: tensor.to("cpu", copy=True).contiguous() for key, tensor in lora_state_dict(model, adapter_name).items()
     }
     config_text = json.dumps(peft_config_dict(config, model), indent=2) + "\n"
+    return {WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"}), CONFIG_NAME: config_text.encode()}
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write adapter `adapter_name` to `directory` as peft does: `adapter_config.json` and
+    `adapter_model.safetensors`. Each file is replaced atomically; returns the directory's path."""
     directory = Path(directory)
-    replace_files(
-        directory,
-        {WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"}), CONFIG_NAME: config_text.encode()},
-    )
+    replace_files(directory, adapter_files(model, adapter_name))
     return directory
 
 
@@ -200,7 +208,7 @@ def load_adapter(
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     children = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()]
     added = False
-    with _open_weights(directory) as weights:
+    with open_weights(directory) as weights:
         _check_ranks(model, config, weights, directory)
         try:
             if was_lora:
@@ -268,7 +276,7 @@ def hot_swap_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: st
             if placement.shape[axis] != slot_rank:  # e.g. a grouped conv's B, (out, r/groups, 1, 1)
                 raise LoraError(f"{directory}: {name!r} has rank {rank}; its slot of rank {slot_rank} cannot pad it")
             placement.axis, placement.shape = axis, (*placement.shape[:axis], rank, *placement.shape[axis + 1 :])
-    with _open_weights(directory) as weights:
+    with open_weights(directory) as weights:
         file_keys = _match_keys_and_shapes(weights, {k: p.shape for k, p in placements.items()}, {}, directory)
         tensors = {key: weights.tensor(file_keys[key]) for key in params}
     with torch.no_grad():
@@ -304,7 +312,7 @@ def _check_swappable(
     if targets != set(layers):
         raise LoraError(
             f"{directory} targets other modules than adapter {adapter_name!r}: only in the file "
-            f"{_listing(sorted(targets - set(layers)))}, only in the slot {_listing(sorted(set(layers) - targets))}"
+            f"{listing(sorted(targets - set(layers)))}, only in the slot {listing(sorted(set(layers) - targets))}"
         )
     for field_name in ("lora_bias", "bias", "modules_to_save"):
         new, old = getattr(config, field_name), getattr(slot_config, field_name)
@@ -315,7 +323,7 @@ def _check_swappable(
             )
 
 
-def _check_ranks(model: nn.Module, config: LoraConfig, weights: _Weights, directory: Path) -> None:
+def _check_ranks(model: nn.Module, config: LoraConfig, weights: Weights, directory: Path) -> None:
     """Refuse, before any layer is built, a rank larger than every tensor in the file (an adapter tensor has
     at least r elements): a hostile `r` must not make the conversion allocate r × features floats."""
     largest = max((math.prod(shape) for shape in weights.shapes.values()), default=0)
@@ -357,7 +365,7 @@ def _hub_cache() -> Path:
     return Path(home) / "hub"
 
 
-class _Weights:
+class Weights:
     """Read-only view of an adapter weights file: keys, shapes and dtypes first, tensors on demand."""
 
     def __init__(self, path: Path) -> None:
@@ -365,8 +373,8 @@ class _Weights:
         self._handle: Any = None
         self._tensors: dict[str, torch.Tensor] | None = None
 
-    def __enter__(self) -> _Weights:
-        if self.path.name == WEIGHTS_NAME:
+    def __enter__(self) -> Weights:
+        if self.path.suffix == ".safetensors":
             from safetensors import safe_open
 
             try:
@@ -426,10 +434,10 @@ def _reject_duplicate_names(path: Path) -> None:
         json.loads(file.read(int.from_bytes(file.read(8), "little")), object_pairs_hook=unique)
 
 
-def _open_weights(directory: Path) -> _Weights:
+def open_weights(directory: Path) -> Weights:
     for name in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
         if (directory / name).is_file():
-            return _Weights(directory / name)
+            return Weights(directory / name)
     raise LoraError(f"no {WEIGHTS_NAME} (or {PICKLE_WEIGHTS_NAME}) in {directory}")
 
 
@@ -437,7 +445,7 @@ _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "float16", "bfloat16", "float32", 
 
 
 def _match_keys_and_shapes(
-    weights: _Weights,
+    weights: Weights,
     params: Mapping[str, nn.Parameter | tuple[int, ...]],
     optional: Mapping[str, nn.Parameter | tuple[int, ...]],
     directory: Path,
@@ -456,9 +464,9 @@ def _match_keys_and_shapes(
     params = {**params, **{key: optional[key] for key in found if key in optional}}
     problems = []
     if missing:
-        problems.append(f"missing keys {_listing(missing)}")
+        problems.append(f"missing keys {listing(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys {_listing(unexpected)} (the model has no such adapter tensor)")
+        problems.append(f"unexpected keys {listing(unexpected)} (the model has no such adapter tensor)")
     for short in sorted(set(params) & set(found)):
         key = found[short]
         want = tuple(params[short].shape if isinstance(params[short], torch.Tensor) else params[short])
@@ -471,6 +479,6 @@ def _match_keys_and_shapes(
     return found
 
 
-def _listing(keys: list[str], limit: int = 10) -> str:
+def listing(keys: list[str], limit: int = 10) -> str:
     shown = ", ".join(repr(k) for k in keys[:limit])
     return f"[{shown}{f', … ({len(keys)} in all)' if len(keys) > limit else ''}]"

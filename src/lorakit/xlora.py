@@ -37,7 +37,7 @@ from torch import nn
 
 from .errors import AdapterError, LoraConfigError, LoraError
 from .layers import LoraLayer
-from .model import is_lora_model, lora_layers, lora_state, set_active_adapters
+from .model import delete_adapter, is_lora_model, lora_layers, lora_state, set_active_adapters, unload
 
 _STATE_ATTR = "_lorakit_xlora"
 _CACHE_KEYS = ("cache", "past_key_values")  # transformers 5 renames past_key_values to cache
@@ -116,7 +116,7 @@ class XLoraClassifier(nn.Module):
     def __init__(self, config: XLoraConfig, hidden_size: int, n_experts: int, n_layers: int) -> None:
         super().__init__()
         self.config = config
-        self.n_experts, self.n_layers = n_experts, n_layers
+        self.hidden_size, self.n_experts, self.n_layers = hidden_size, n_experts, n_layers
         widths = [hidden_size] + [config.xlora_size] * (config.xlora_depth - 1)
         self.inner = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         outputs = n_experts * (n_layers if config.layerwise_scalings else 1)
@@ -172,12 +172,23 @@ def get_xlora_model(
     hidden_size = config.hidden_size or getattr(getattr(model, "config", None), "hidden_size", None)
     if not isinstance(hidden_size, int):
         raise LoraConfigError("XLoraConfig.hidden_size is not set and the model's config has no hidden_size")
-    for name, source in sources.items():
-        if source is None:
-            if not is_lora_model(model) or name not in lora_state(model).configs:
-                raise AdapterError(f"expert {name!r} has no directory and the model has no adapter of that name")
+    was_lora = is_lora_model(model)
+    loaded: list[str] = []
+    try:
+        for name, source in sources.items():
+            if source is None:
+                if not was_lora or name not in lora_state(model).configs:
+                    raise AdapterError(f"expert {name!r} has no directory and the model has no adapter of that name")
+            else:
+                load_adapter(model, source, name, trainable=config.use_trainable_adapters)
+                loaded.append(name)
+    except BaseException:
+        if not was_lora and is_lora_model(model):
+            unload(model)
         else:
-            load_adapter(model, source, name, trainable=config.use_trainable_adapters)
+            for name in loaded:
+                delete_adapter(model, name)
+        raise
     experts = list(sources)
     state = lora_state(model)
     for name in experts:
@@ -193,6 +204,17 @@ def get_xlora_model(
     for name, layer in layers:
         layer.stack(name, experts, eval_only=False)
     xstate.hook = model.register_forward_pre_hook(_run_scaling_pass, with_kwargs=True)
+    return model
+
+
+def remove_xlora(model: nn.Module) -> nn.Module:
+    """Undo `get_xlora_model`: the classifier and the scaling pass go; the experts stay, as active adapters."""
+    state = xlora_state(model)
+    state.hook.remove()
+    for _, layer in state.layers:
+        layer.unstack()
+    delattr(model, CLASSIFIER_ATTR)
+    delattr(model, _STATE_ATTR)
     return model
 
 

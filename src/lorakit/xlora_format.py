@@ -1,0 +1,260 @@
+"""X-LoRA on disk: the original X-LoRA layout and peft's `"XLORA"` format.
+
+- `layout="xlora"` (the original X-LoRA library's, which mistral.rs reads from a directory tree):
+  `xlora_config.json`, `xlora_classifier.safetensors` (keys `inner.{i}.weight|bias`, `last.weight|bias`)
+  and one peft adapter directory per expert, `<directory>/<expert name>/`.
+- `layout="peft"`: `adapter_config.json` with `"peft_type": "XLORA"` and `adapter_model.safetensors` holding
+  the classifier under peft's names (`base_model.internal_xlora_classifier.layers.{j}.weight`), which
+  `PeftModel.from_pretrained` loads (peft 0.21's own `save_pretrained` writes no classifier), with the experts in
+  `<directory>/<expert name>/` as well; the config names them by absolute path, which is where
+  `PeftModel.from_pretrained` loads them from (so move the directory, and peft will not find them).
+
+`load_xlora` reads either. Expert directories are always taken inside the X-LoRA directory (or from the
+`adapters` argument), never from paths written in a stranger's config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._files import replace_files
+from .errors import LoraConfigError, LoraError
+from .model import is_lora_model, unload
+from .peft_format import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    Weights,
+    adapter_files,
+    listing,
+    read_json_object,
+    save_adapter,
+)
+from .xlora import CLASSIFIER_ATTR, XLoraConfig, get_xlora_model, remove_xlora, xlora_state
+
+XLORA_CONFIG_NAME = "xlora_config.json"
+CLASSIFIER_NAME = "xlora_classifier.safetensors"
+PEFT_CLASSIFIER_PREFIX = "base_model.internal_xlora_classifier.layers."
+
+
+def _check_expert_name(name: object) -> str:
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise LoraError(f"expert name {name!r} cannot be a directory name")
+    return name
+
+
+def peft_classifier_keys(config: XLoraConfig) -> list[int]:
+    """Indices of the Linear layers in peft's classifier `nn.Sequential` (ReLU, and Dropout if p > 0, between)."""
+    step = 3 if config.xlora_dropout_p > 0 else 2
+    return [i * step for i in range(config.xlora_depth)]
+
+
+def _classifier_tensors(model: nn.Module, layout: str) -> dict[str, torch.Tensor]:
+    config = xlora_state(model).config
+    classifier = getattr(model, CLASSIFIER_ATTR).state_dict()
+    ours = {key: value.detach().to("cpu", copy=True).contiguous() for key, value in classifier.items()}
+    if layout == "xlora":
+        return ours
+    names = [f"inner.{i}" for i in range(config.xlora_depth - 1)] + ["last"]
+    return {
+        f"{PEFT_CLASSIFIER_PREFIX}{index}.{param}": ours[f"{name}.{param}"]
+        for name, index in zip(names, peft_classifier_keys(config), strict=True)
+        for param in ("weight", "bias")
+    }
+
+
+def save_xlora(model: nn.Module, directory: str | os.PathLike, layout: str = "xlora") -> Path:
+    """Write an X-LoRA model's experts and classifier to `directory` (see the module docstring for the two
+    layouts); every file is replaced atomically. Returns the directory's path."""
+    from safetensors.torch import save as safetensors_bytes
+
+    if layout not in ("xlora", "peft"):
+        raise LoraError(f"layout must be 'xlora' or 'peft', got {layout!r}")
+    state = xlora_state(model)
+    directory = Path(directory)
+    experts = [_check_expert_name(name) for name in state.experts]
+    for name in experts:
+        save_adapter(model, directory / name, adapter_name=name)
+    fields = {
+        **state.config.to_dict(),
+        "hidden_size": getattr(model, CLASSIFIER_ATTR).hidden_size,
+        "adapters": {name: name for name in experts},
+    }
+    base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if layout == "xlora":
+        # the original library's fields, written out: mistral.rs's defaults differ (xlora_size 1, no ReLU)
+        fields.update(enable_relu_and_dropout=True, use_bias=True, base_model_id=base)
+        files = {XLORA_CONFIG_NAME: fields, CLASSIFIER_NAME: _classifier_tensors(model, layout)}
+    else:
+        fields.update(peft_type="XLORA", base_model_name_or_path=base, inference_mode=True, task_type="CAUSAL_LM")
+        # peft loads the experts from these paths (its `adapters=` argument only applies to a peft model)
+        fields["adapters"] = {name: str((directory / name).resolve()) for name in experts}
+        files = {CONFIG_NAME: fields, WEIGHTS_NAME: _classifier_tensors(model, layout)}
+    replace_files(
+        directory,
+        {
+            name: (
+                json.dumps(dict(sorted(value.items())), indent=2).encode() + b"\n"
+                if name.endswith(".json")
+                else safetensors_bytes(value, metadata={"format": "pt"})
+            )
+            for name, value in files.items()
+        },
+    )
+    return directory
+
+
+def load_xlora(
+    model: nn.Module, directory: str | os.PathLike, adapters: dict[str, str | os.PathLike] | None = None
+) -> nn.Module:
+    """Load an X-LoRA model saved by `save_xlora`, the original X-LoRA library or peft onto a plain `model`.
+
+    The experts come from `<directory>/<expert name>/` unless `adapters` maps names to directories. The
+    classifier file is checked (keys, shapes, float dtypes) against the config; on any error the model is
+    left as it was.
+    """
+    if is_lora_model(model):
+        raise LoraError("load_xlora loads onto a plain model; this one already has LoRA layers")
+    directory = Path(directory)
+    if (directory / XLORA_CONFIG_NAME).is_file():
+        layout, config_path, weights_path = "xlora", directory / XLORA_CONFIG_NAME, directory / CLASSIFIER_NAME
+    elif (directory / CONFIG_NAME).is_file():
+        layout, config_path, weights_path = "peft", directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    else:
+        raise LoraError(f"{directory} has neither {XLORA_CONFIG_NAME} nor {CONFIG_NAME}")
+    data = read_json_object(config_path)
+    if layout == "peft" and data.get("peft_type") != "XLORA":
+        raise LoraError(f"{config_path}: peft_type is {data.get('peft_type')!r}, expected 'XLORA'")
+    if not isinstance(data.get("adapters"), dict) or not data["adapters"]:
+        raise LoraError(f"{config_path}: 'adapters' must map expert names to directories")
+    experts = [_check_expert_name(name) for name in data["adapters"]]
+    sources = {name: directory / name for name in experts} if adapters is None else dict(adapters)
+    if set(sources) != set(experts):
+        raise LoraError(f"adapters {sorted(sources)} do not match the config's experts {experts}")
+    try:
+        config = XLoraConfig.from_dict(data)
+    except LoraConfigError as error:
+        raise LoraConfigError(f"{config_path}: {error}") from None
+    config.adapters = {name: str(sources[name]) for name in experts}
+    with Weights(weights_path) as weights:
+        get_xlora_model(model, config)
+        try:
+            _load_classifier(model, weights, layout)
+        except BaseException:
+            remove_xlora(model)
+            unload(model)
+            raise
+    return model
+
+
+def _load_classifier(model: nn.Module, weights: Weights, layout: str) -> None:
+    wanted = _classifier_tensors(model, layout)
+    found = set(weights.shapes)
+    if layout == "peft" and not found:
+        raise LoraError(
+            f"{weights.path} holds no tensors: peft 0.21's save_pretrained drops the X-LoRA classifier, so this "
+            "directory cannot restore the trained X-LoRA model (save it with lorakit.save_xlora)"
+        )
+    problems = []
+    if found != set(wanted):
+        problems.append(f"keys {listing(sorted(found))}, expected {listing(sorted(wanted))}")
+    for key in sorted(found & set(wanted)):
+        if tuple(weights.shapes[key]) != tuple(wanted[key].shape):
+            problems.append(f"{key!r} has shape {list(weights.shapes[key])}, expected {list(wanted[key].shape)}")
+        elif weights.dtypes[key] not in ("F16", "BF16", "F32", "F64"):
+            problems.append(f"{key!r} has dtype {weights.dtypes[key]}, expected a floating dtype")
+    if problems:
+        raise LoraError(f"{weights.path} does not fit this X-LoRA classifier: " + "; ".join(problems))
+    ours = dict(zip(getattr(model, CLASSIFIER_ATTR).state_dict(), wanted, strict=True))  # our key → file key
+    params = dict(getattr(model, CLASSIFIER_ATTR).named_parameters())
+    tensors: dict[str, Any] = {ours_key: weights.tensor(file_key) for ours_key, file_key in ours.items()}
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(tensors[key])
+
+
+# ----- mistral.rs ---------------------------------------------------------------------------------------------
+
+MISTRALRS_ORDERING_NAME = "ordering.json"
+
+
+def export_xlora_mistralrs(model: nn.Module, directory: str | os.PathLike, base_model_id: str) -> Path:
+    """Write an X-LoRA model in the flat layout mistral.rs 0.9.5 reads; return the ordering file's path.
+
+    `directory` gets `xlora_config.json`, `xlora_classifier.safetensors` and, per expert,
+    `<name>-adapter_config.json` and `<name>-adapter_model.safetensors`; `ordering.json` lists the experts
+    and numbers the adapted layers in module order. `base_model_id` is the base model's directory exactly as
+    it will be given to mistral.rs (it must match, as a string). Serve it with
+    `mistralrs.Which.XLora(model_id=base_model_id, xlora_model_id=str(directory), order=<returned path>, …)`.
+
+    Raises `LoraError` for what mistral.rs 0.9.5 cannot serve: `enable_softmax_topk`; an expert name that is
+    part of another expert's or of a file name (it reads every file whose name contains an expert's name);
+    a depth-2 classifier whose `xlora_size` is not the hidden size; experts on layers other than Linear.
+    """
+    from safetensors.torch import save as safetensors_bytes
+
+    from .layers import LoraLinear
+
+    state = xlora_state(model)
+    config = state.config
+    classifier = getattr(model, CLASSIFIER_ATTR)
+    experts = [_check_expert_name(name) for name in state.experts]
+    own_files = (XLORA_CONFIG_NAME, CLASSIFIER_NAME, MISTRALRS_ORDERING_NAME)
+    if config.enable_softmax_topk:
+        raise LoraError("mistral.rs 0.9.5 refuses enable_softmax_topk; export a config without it")
+    for name in experts:
+        clashes = [other for other in [*experts, *own_files] if other != name and name in other]
+        if clashes:
+            raise LoraError(
+                f"expert name {name!r} is part of {clashes}: mistral.rs reads every file whose name contains an "
+                "expert's name; rename the experts"
+            )
+    if config.xlora_depth == 2 and config.xlora_size != classifier.hidden_size:
+        raise LoraError(
+            f"mistral.rs 0.9.5 needs xlora_size == hidden_size ({classifier.hidden_size}) for a depth-2 "
+            f"classifier, got {config.xlora_size}"
+        )
+    for name, layer in state.layers:
+        if not isinstance(layer, LoraLinear):
+            raise LoraError(f"mistral.rs serves X-LoRA experts on linear layers; {name!r} is a {type(layer).__name__}")
+    tensors = _classifier_tensors(model, "xlora")
+    if config.xlora_depth >= 3:  # mistral.rs numbers the hidden layers from 1 at depth 3 and more
+        tensors = {_renumber_inner(key): value for key, value in tensors.items()}
+    fields = {
+        **config.to_dict(),
+        "hidden_size": classifier.hidden_size,
+        "adapters": {name: name for name in experts},
+        "base_model_id": base_model_id,
+        "enable_relu_and_dropout": config.xlora_depth > 1,
+        "use_bias": True,
+        "xlora_dropout_p": 0.0,  # mistral.rs applies the classifier's dropout at inference too
+        "xlora_size": config.xlora_size,
+    }
+    ordering = {
+        "order": experts,
+        "layers": {name: index for index, (name, _) in enumerate(state.layers)},
+        "base_model_id": base_model_id,
+    }
+    files = {
+        XLORA_CONFIG_NAME: json.dumps(fields, indent=2).encode() + b"\n",
+        CLASSIFIER_NAME: safetensors_bytes(tensors, metadata={"format": "pt"}),
+        MISTRALRS_ORDERING_NAME: json.dumps(ordering, indent=2).encode() + b"\n",
+    }
+    for name in experts:
+        for file_name, data in adapter_files(model, name).items():
+            files[f"{name}-{file_name}"] = data
+    directory = Path(directory)
+    replace_files(directory, files)
+    return directory / MISTRALRS_ORDERING_NAME
+
+
+def _renumber_inner(key: str) -> str:
+    if not key.startswith("inner."):
+        return key
+    _, index, rest = key.split(".", 2)
+    return f"inner.{int(index) + 1}.{rest}"
