@@ -120,6 +120,20 @@ def test_new_layers_and_adapters_follow_the_models_mode():
     assert all(module.training for module in model.modules())
 
 
+def test_inference_never_writes_into_an_output_someone_else_holds():
+    """Without autograd the branch is added into nn.Linear's fresh output in place, but not when a hook on the
+    base layer (or a subclass's forward) may hold that tensor: what the hook saw stays the base output."""
+    model = nn.Sequential(nn.Linear(8, 8))
+    lorakit.get_lora_model(model, LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    x = torch.randn(3, 8)
+    seen = []
+    model[0].base_layer.register_forward_hook(lambda module, args, output: seen.append(output))
+    with torch.no_grad():
+        out = model(x)
+        base = nn.functional.linear(x, model[0].base_layer.weight, model[0].base_layer.bias)
+    assert torch.equal(seen[0], base) and not torch.allclose(out, base)
+
+
 def test_all_linear_skips_the_output_embedding_and_is_saved_expanded():
     model = tiny_llama()
     lorakit.get_lora_model(model, LoraConfig(target_modules="all-linear"))

@@ -38,6 +38,14 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
+    def _may_add_in_place(self) -> bool:
+        base = self.base_layer
+        return (
+            not torch.is_grad_enabled()
+            and type(base).forward is nn.Linear.forward  # a subclass's forward might return a kept tensor
+            and not base._forward_hooks  # a hook might keep the output
+        )
+
     def create_adapter(self, name: str, r: int, config: LoraConfig) -> None:
         weight = self.base_layer.weight
         factory = {"device": weight.device, "dtype": adapter_dtype(weight.dtype)}
@@ -51,9 +59,11 @@ class LoraLinear(LoraLayer):
         dtype = result.dtype
         b, s = self.lora_B[name], self.scaling[name]
         hidden = F.linear(x.to(dtype), self.lora_A[name].weight.to(dtype))
-        # s folded into the small B (out × r) instead of the large output, and the sum fused into the GEMM
-        out = torch.addmm(result.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]),
-                          (b.weight * s).to(dtype).T)  # fmt: skip
+        # s folded into the small B (out × r) instead of the large output, and the sum fused into the GEMM;
+        # without autograd, into the base output itself when it is nn.Linear's own fresh tensor (saves a copy)
+        addmm = torch.Tensor.addmm_ if self._may_add_in_place() else torch.addmm
+        out = addmm(result.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]),
+                    (b.weight * s).to(dtype).T)  # fmt: skip
         if b.bias is not None:
             out = out + (b.bias * s).to(dtype)
         return out.view(result.shape)
