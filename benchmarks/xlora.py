@@ -43,8 +43,8 @@ class XLoraShape:
 
 
 SHAPES = {
-    "cpu": XLoraShape(LlamaShape(hidden=512, intermediate=1408, layers=4, heads=8, kv_heads=8, vocab=1000),
-                      "float32", batch=2, seq=128, prompt=16, new_tokens=16, expert_counts=(4, 16)),
+    "cpu": XLoraShape(LlamaShape(hidden=1024, intermediate=2816, layers=4, heads=16, kv_heads=16, vocab=1000),
+                      "float32", batch=2, seq=128, prompt=128, new_tokens=32, expert_counts=(4, 16)),
     "gpu": XLoraShape(LlamaShape(hidden=2048, intermediate=5632, layers=8, heads=16, kv_heads=16, vocab=32000),
                       "bfloat16", batch=8, seq=1024, prompt=64, new_tokens=32, expert_counts=(4, 16)),
     "tiny": XLoraShape(LlamaShape(hidden=64, intermediate=128, layers=2, heads=2, kv_heads=2, vocab=100),
@@ -78,6 +78,12 @@ def build_models(shape: XLoraShape, preset: Preset, count: int, root: str) -> tu
     theirs = peft.get_peft_model(
         plain, peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=shape.model.hidden, adapters=directories)
     ).eval()
+    their_layers = [m for m in theirs.base_model.internal_xlora_classifier.layers if isinstance(m, nn.Linear)]
+    with torch.no_grad():  # the same classifier in both, so that their outputs can be compared
+        for our_layer, their_layer in zip([*ours.xlora_classifier.inner, ours.xlora_classifier.last], their_layers,
+                                          strict=True):  # fmt: skip
+            our_layer.weight.copy_(their_layer.weight)
+            our_layer.bias.copy_(their_layer.bias)
     return base, ours, theirs
 
 
