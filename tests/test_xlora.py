@@ -168,6 +168,8 @@ def test_experts_keep_their_names_and_errors(experts: tuple[nn.Module, dict[str,
     named = {"code": directories["0"], "math": directories["1"]}
     lk = lorakit.get_xlora_model(copy.deepcopy(base), XLoraConfig(adapters=named))
     assert lorakit.adapter_names(lk) == ["code", "math"] and lorakit.active_adapters(lk) == ["code", "math"]
+    with pytest.raises(lorakit.MergeError, match="runs a mixed batch or X-LoRA"):
+        lorakit.merge(lk)
     with pytest.raises(LoraError, match="already an X-LoRA model"):
         lorakit.get_xlora_model(lk, XLoraConfig(adapters=named))
     with pytest.raises(LoraConfigError, match="top_k_lora=3 is more than the 2 experts"):

@@ -304,6 +304,8 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | str | None = None, sa
     layers = [(n, layer) for n, layer in lora_layers(model) if any(a in layer.r for a in names)]
     owners = _parameter_owners(model)
     for layer_name, layer in layers:
+        if layer._stack is not None:
+            raise MergeError(f"{layer_name!r} runs a mixed batch or X-LoRA, whose weights vary per row or token")
         layer_names = [a for a in names if a in layer.r and a not in layer.merged_adapters]
         for adapter in layer_names:
             layer.check_mergeable(adapter)

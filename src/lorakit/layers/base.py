@@ -8,8 +8,9 @@ short file each: `linear.py`, `embedding.py`, `conv.py`) supplies only its math:
 - `reset_adapter(name, init)`: initialise them (`True`, `"gaussian"` or `False`);
 - `add_adapter_output(result, x, name)`: `result + s · branch(x)`, the branch computed in `x`'s dtype;
 - `delta_weights(name)`: `{base parameter name: ΔW}`, what merging adds to the base parameters;
-- optionally, for many adapters in one forward (mixed batches, X-LoRA): `stacked_factors(names)` and
-  `add_stacked_output(result, x, factors, gates)`, the stacked form of design §5 (see `AdapterStack`).
+- optionally, for many adapters in one forward (mixed batches, X-LoRA): `stacked_factors(names, dtype,
+  one_per_row)` and `add_stacked_output(result, x, stack)`, the stacked form of design §5 (`AdapterStack`);
+- optionally, `rank_layout(name)` when A and B do not keep the rank on axes 0 and 1 (for hot swapping).
 
 Everything else (the adapter registry of the layer, activation, disabling, exact merge and unmerge)
 lives here once. The parameter names follow peft (`lora_A.<adapter>.weight`), so a lorakit model's
