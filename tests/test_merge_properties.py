@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -270,9 +270,11 @@ def test_merged_output_matches_unmerged(dtype: torch.dtype, case: Case) -> None:
             base = model(x)
         tol = _tolerance(dtype, _reference(model, x), case.n_acc)
         assert adapted.dtype == dtype
-        # The test must be able to fail: a merge that dropped ΔW would be caught, the LoRA contribution
-        # exceeds the tolerance somewhere (over thousands of random cases: ≥ 5× larger, typically 100×; see `cases`).
-        assert ((adapted.double() - base.double()).abs() > tol).any(), "LoRA contribution too small"
+        # The test must be able to fail: a merge that dropped ΔW must be caught, so the LoRA contribution has to
+        # exceed the tolerance somewhere. Almost every draw does (typically by 100×), but a tiny layer can draw a
+        # tiny update (a 1-channel 1×1 conv with r=1 has a single A weight): such draws are rejected, and if
+        # most were, hypothesis would fail the test as unsatisfiable.
+        assume(((adapted.double() - base.double()).abs() > tol).any())
 
         before = _snapshot(model)
         lorakit.merge(model)

@@ -12,9 +12,12 @@ bfloat16 branch (as autocast would) while the optimizer updates float32 values.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ..config import LoraConfig
 from .base import AdapterStack, LoraLayer, adapter_dtype, broadcast_gates
@@ -38,13 +41,45 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
-    def _may_add_in_place(self) -> bool:
+    def _is_plain_linear(self) -> bool:
+        """Whether calling the base layer is exactly `F.linear(x, W, b)`: an `nn.Linear` whose forward is not
+        overridden (by a subclass or an instance attribute, as accelerate's hooks do) and that no hook watches."""
         base = self.base_layer
         return (
-            not torch.is_grad_enabled()
-            and type(base).forward is nn.Linear.forward  # a subclass's forward might return a kept tensor
-            and not base._forward_hooks  # a hook might keep the output
+            type(base).forward is nn.Linear.forward
+            and "forward" not in base.__dict__
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and not (_global_forward_hooks or _global_forward_pre_hooks)
         )
+
+    def _may_add_in_place(self) -> bool:
+        # without autograd, the branch may go into nn.Linear's fresh output, which nobody else holds
+        return not torch.is_grad_enabled() and self._is_plain_linear()
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if (
+            len(self._forward_adapters) == 1 and self._stack is None and not args and not kwargs
+            and x.dtype == self.base_layer.weight.dtype and not torch.is_autocast_enabled() and self._is_plain_linear()
+        ):  # fmt: skip
+            return self._fused_forward(x, self._forward_adapters[0])
+        return super().forward(x, *args, **kwargs)
+
+    def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """`base(x) + s·B(A(dropout(x)))` for a plain nn.Linear base, computed the other way round: the LoRA
+        output (plus the biases) first, then the base GEMM accumulating into it, so the large output is
+        written once by the small GEMM and read only inside the compute-bound base GEMM."""
+        base, b, s = self.base_layer, self.lora_B[name], self.scaling[name]
+        dtype = x.dtype
+        rows = x.reshape(-1, self.in_features)
+        p = self.lora_dropout_p[name]
+        hidden = F.linear(F.dropout(rows, p, training=True) if p and self.training else rows,
+                          self.lora_A[name].weight.to(dtype))  # fmt: skip
+        scaled_b = (b.weight * s).to(dtype)
+        bias = base.bias
+        if b.bias is not None:
+            bias = (b.bias * s).to(dtype) if bias is None else bias + (b.bias * s).to(dtype)
+        out = hidden @ scaled_b.T if bias is None else torch.addmm(bias, hidden, scaled_b.T)
+        return out.addmm_(rows, base.weight.T).view(*x.shape[:-1], self.out_features)
 
     def create_adapter(self, name: str, r: int, config: LoraConfig) -> None:
         weight = self.base_layer.weight
