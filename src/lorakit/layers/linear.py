@@ -7,7 +7,10 @@ Shapes: `x: (..., in)`, `A: (r, in)`, `B: (out, r)`, `s = alpha / r` (or `alpha 
     ΔW = s · (B @ A).T        for Conv1D    (weight `(in, out)`, "fan_in_fan_out")
 
 A and B are float32 master weights; the branch runs in the activation dtype, so a bfloat16 model runs a
-bfloat16 branch (as autocast would) while the optimizer updates float32 values.
+bfloat16 branch (as autocast would) while the optimizer updates float32 values. s is folded into B (out × r)
+rather than applied to the output. With one active adapter on a plain float32 `nn.Linear`, the forward computes
+`s·B(A x) + b` first and lets the base GEMM accumulate into it (`addmm_`): the output is written once, by
+the small GEMM, and read back only inside the compute-bound base GEMM.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from ..config import LoraConfig
 from .base import AdapterStack, LoraLayer, adapter_dtype, broadcast_gates
+
+# Where accumulating the base GEMM into the LoRA output measured faster (benchmarks/run.py --only train,inference):
+# float32 gains 1-2 points per layer; in bfloat16 CPU GEMMs with a bfloat16 accumulator input are slower.
+_FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 def is_transformers_conv1d(module: nn.Module) -> bool:
@@ -59,7 +66,8 @@ class LoraLinear(LoraLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if (
             len(self._forward_adapters) == 1 and self._stack is None and not args and not kwargs
-            and x.dtype == self.base_layer.weight.dtype and not torch.is_autocast_enabled() and self._is_plain_linear()
+            and x.dtype in _FUSED_DTYPES and x.dtype == self.base_layer.weight.dtype
+            and not torch.is_autocast_enabled() and self._is_plain_linear()
         ):  # fmt: skip
             return self._fused_forward(x, self._forward_adapters[0])
         return super().forward(x, *args, **kwargs)
