@@ -170,6 +170,12 @@ def test_experts_keep_their_names_and_errors(experts: tuple[nn.Module, dict[str,
     assert lorakit.adapter_names(lk) == ["code", "math"] and lorakit.active_adapters(lk) == ["code", "math"]
     with pytest.raises(lorakit.MergeError, match="runs a mixed batch or X-LoRA"):
         lorakit.merge(lk)
+    with pytest.raises(lorakit.AdapterError, match="runs a mixed batch or X-LoRA"):
+        lorakit.delete_adapter(lk, "code")  # its stacked weights would go stale
+    lorakit.remove_xlora(lk)
+    lorakit.delete_adapter(lk, "code")
+    assert lorakit.adapter_names(lk) == ["math"] and not hasattr(lk, "xlora_classifier")
+    lk = lorakit.get_xlora_model(copy.deepcopy(base), XLoraConfig(adapters=named))
     with pytest.raises(LoraError, match="already an X-LoRA model"):
         lorakit.get_xlora_model(lk, XLoraConfig(adapters=named))
     with pytest.raises(LoraConfigError, match="top_k_lora=3 is more than the 2 experts"):

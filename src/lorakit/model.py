@@ -265,6 +265,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     for name, layer in lora_layers(model):
         if adapter_name in layer.merged_adapters:
             raise AdapterError(f"adapter {adapter_name!r} is merged (in {name!r}); unmerge before deleting it")
+        if layer._stack is not None:
+            raise AdapterError(f"{name!r} runs a mixed batch or X-LoRA; end it (remove_xlora) before deleting adapters")
     for module in _adapter_modules(model):
         module.delete_adapter(adapter_name)
     del state.configs[adapter_name]
