@@ -255,7 +255,7 @@ def test_bad_classifier_file_leaves_the_model_plain(experts: tuple[nn.Module, di
     tensors["last.weight"] = tensors["last.weight"][:, :-1].contiguous()
     save_file(tensors, saved / "xlora_classifier.safetensors")
     model = copy.deepcopy(base)
-    with pytest.raises(LoraError, match=r"'last.weight' has shape \[3, 31\], expected \[3, 32\]"):
+    with pytest.raises(LoraError, match=r"'last.weight' has shape \[3, 31\], the model expects \[3, 32\]"):
         lorakit.load_xlora(model, saved)
     assert not lorakit.is_lora_model(model) and not hasattr(model, "xlora_classifier")
     (saved / "xlora_config.json").write_text('{"adapters": {"../up": "x"}}')

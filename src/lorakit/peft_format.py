@@ -218,7 +218,7 @@ def load_adapter(
                 get_lora_model(model, config, adapter_name)
             params = _adapter_parameters(model, adapter_name)
             optional = _base_embedding_parameters(model, adapter_name)
-            file_keys = _match_keys_and_shapes(weights, params, optional, directory)
+            file_keys = match_keys_and_shapes(weights, params, optional, directory)
             params.update({key: optional[key] for key in file_keys if key in optional})
             tensors = {key: weights.tensor(file_keys[key]) for key in params}
         except BaseException:
@@ -277,7 +277,7 @@ def hot_swap_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: st
                 raise LoraError(f"{directory}: {name!r} has rank {rank}; its slot of rank {slot_rank} cannot pad it")
             placement.axis, placement.shape = axis, (*placement.shape[:axis], rank, *placement.shape[axis + 1 :])
     with open_weights(directory) as weights:
-        file_keys = _match_keys_and_shapes(weights, {k: p.shape for k, p in placements.items()}, {}, directory)
+        file_keys = match_keys_and_shapes(weights, {k: p.shape for k, p in placements.items()}, {}, directory)
         tensors = {key: weights.tensor(file_keys[key]) for key in params}
     with torch.no_grad():
         for key, param in params.items():
@@ -444,7 +444,7 @@ def open_weights(directory: Path) -> Weights:
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "float16", "bfloat16", "float32", "float64"}
 
 
-def _match_keys_and_shapes(
+def match_keys_and_shapes(
     weights: Weights,
     params: Mapping[str, nn.Parameter | tuple[int, ...]],
     optional: Mapping[str, nn.Parameter | tuple[int, ...]],

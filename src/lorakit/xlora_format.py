@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +30,7 @@ from .peft_format import (
     WEIGHTS_NAME,
     Weights,
     adapter_files,
-    listing,
+    match_keys_and_shapes,
     read_json_object,
     save_adapter,
 )
@@ -153,28 +152,17 @@ def load_xlora(
 
 
 def _load_classifier(model: nn.Module, weights: Weights, layout: str) -> None:
-    wanted = _classifier_tensors(model, layout)
-    found = set(weights.shapes)
-    if layout == "peft" and not found:
+    if layout == "peft" and not weights.shapes:
         raise LoraError(
             f"{weights.path} holds no tensors: peft 0.21's save_pretrained drops the X-LoRA classifier, so this "
             "directory cannot restore the trained X-LoRA model (save it with lorakit.save_xlora)"
         )
-    problems = []
-    if found != set(wanted):
-        problems.append(f"keys {listing(sorted(found))}, expected {listing(sorted(wanted))}")
-    for key in sorted(found & set(wanted)):
-        if tuple(weights.shapes[key]) != tuple(wanted[key].shape):
-            problems.append(f"{key!r} has shape {list(weights.shapes[key])}, expected {list(wanted[key].shape)}")
-        elif weights.dtypes[key] not in ("F16", "BF16", "F32", "F64"):
-            problems.append(f"{key!r} has dtype {weights.dtypes[key]}, expected a floating dtype")
-    if problems:
-        raise LoraError(f"{weights.path} does not fit this X-LoRA classifier: " + "; ".join(problems))
-    ours = dict(zip(getattr(model, CLASSIFIER_ATTR).state_dict(), wanted, strict=True))  # our key → file key
-    params = dict(getattr(model, CLASSIFIER_ATTR).named_parameters())
-    tensors: dict[str, Any] = {ours_key: weights.tensor(file_key) for ours_key, file_key in ours.items()}
+    wanted = _classifier_tensors(model, layout)  # file key → tensor of the wanted shape, in our keys' order
+    file_keys = match_keys_and_shapes(weights, {key: tuple(t.shape) for key, t in wanted.items()}, {}, weights.path)
+    classifier = getattr(model, CLASSIFIER_ATTR)
+    tensors = {ours: weights.tensor(file_keys[key]) for ours, key in zip(classifier.state_dict(), wanted, strict=True)}
     with torch.no_grad():
-        for key, param in params.items():
+        for key, param in classifier.named_parameters():
             param.copy_(tensors[key])
 
 
