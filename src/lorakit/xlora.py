@@ -278,14 +278,15 @@ def _run_scaling_pass(model: nn.Module, args: tuple, kwargs: dict) -> None:
     batch, tokens = _batch_shape(args, kwargs)
     n = len(state.experts)
     value = 1.0 / n if config.scaling_pass_value is None else float(config.scaling_pass_value)
-    weight = next(iter(model.parameters()))
+    classifier = getattr(model, CLASSIFIER_ATTR)
+    constant = None  # the same gates for every layer: routed once
+    if value != 0.0:
+        constant = route(torch.full((batch, tokens, n), value, device=classifier.last.weight.device), config)
     for _, layer in state.layers:
-        stack = layer._stack
-        stack.skip = value == 0.0
-        if not stack.skip:
-            constant = torch.full((batch, tokens, n), value, device=weight.device, dtype=torch.float32)
-            layer.set_stack_gates(route(constant, config))
-    pass_kwargs = {key: value for key, value in kwargs.items() if key not in ("labels", "num_items_in_batch")}
+        layer._stack.skip = constant is None
+        if constant is not None:
+            layer.set_stack_gates(constant)
+    pass_kwargs = {key: arg for key, arg in kwargs.items() if key not in ("labels", "num_items_in_batch")}
     pass_kwargs.update(output_hidden_states=True, return_dict=True)
     if state.accepts_logits_to_keep:
         pass_kwargs["logits_to_keep"] = 1  # only the hidden states are used
@@ -300,11 +301,11 @@ def _run_scaling_pass(model: nn.Module, args: tuple, kwargs: dict) -> None:
     finally:
         for _, layer in state.layers:
             layer._stack.skip = False
-    hidden = output.hidden_states[-1]
-    scalings = getattr(model, CLASSIFIER_ATTR)(hidden)
+    scalings = classifier(output.hidden_states[-1])
     state.latest_scalings = scalings.detach()
+    shared = None if config.layerwise_scalings else route(scalings[:, :, 0, :], config)  # same for every layer
     for index, (name, layer) in enumerate(state.layers):
         if config.use_trainable_adapters:
             layer.stack(name, state.experts, eval_only=False, with_grad=True)  # fresh: the experts train
-        layer.set_stack_gates(route(scalings[:, :, index, :], config))
+        layer.set_stack_gates(route(scalings[:, :, index, :], config) if shared is None else shared)
     return None
