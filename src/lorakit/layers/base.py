@@ -163,6 +163,16 @@ class LoraLayer(nn.Module):
             "and `add_stacked_output`"
         )
 
+    def stacked_lora_biases(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """`{"bias": (n, out)}`, the adapters' `s·b_B` (zeros for those without), if any of `names` has a
+        `lora_B` bias; else `{}`. For layers whose `lora_B[name]` is a module with an optional `.bias`."""
+        biases = [self.lora_B[n].bias for n in names]
+        if all(bias is None for bias in biases):
+            return {}
+        zeros = torch.zeros_like(next(bias for bias in biases if bias is not None))
+        rows = [zeros if b is None else b * self.scaling[n] for n, b in zip(names, biases, strict=True)]
+        return {"bias": torch.stack(rows).to(dtype)}
+
     def add_stacked_output(self, result: Any, x: torch.Tensor, stack: AdapterStack) -> Any:
         """`result + ((x @ A_cat.T) ⊙ column_gates) @ B_cat.T` with `stack.factors` (see `AdapterStack`);
         `stack.column_gates` is `(batch, Σr)` or `(batch, tokens, Σr)`, `stack.present_gates` the same with one

@@ -134,11 +134,7 @@ class LoraLinear(LoraLayer):
         else:
             factors["A"] = torch.cat([self.lora_A[n].weight for n in names]).to(dtype)
             factors["B"] = torch.cat([self.lora_B[n].weight * self.scaling[n] for n in names], dim=1).to(dtype)
-        if any(self.lora_B[n].bias is not None for n in names):
-            zeros = self.lora_B[names[0]].weight.new_zeros(self.out_features)
-            biases = [zeros if self.lora_B[n].bias is None else self.lora_B[n].bias * self.scaling[n] for n in names]
-            factors["bias"] = torch.stack(biases).to(dtype)  # (n, out)
-        return factors
+        return factors | self.stacked_lora_biases(names, dtype)  # "bias": (n, out)
 
     def add_stacked_output(self, result: torch.Tensor, x: torch.Tensor, stack: AdapterStack) -> torch.Tensor:
         factors = stack.factors
