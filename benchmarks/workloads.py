@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -135,6 +136,13 @@ def embeds(preset: Preset, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
     """The input of every forward: `inputs_embeds` of shape (batch, seq, hidden)."""
     torch.manual_seed(seed)
     return torch.randn(preset.batch, preset.seq, preset.model.hidden, dtype=dtype, device=preset.device)
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword (and output field) of a KV cache in this transformers version's model calls: `cache` since
+    transformers 5.x renamed it, `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's wrapper takes **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def loss_of(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TABLE_HEADERS = [
     "| dtype | floor ms | lorakit ms | peft ms | lorakit / floor | peft / floor | lorakit / peft |",
     "| dtype | contender | ms | / base | LoRA FLOP share |",
+    "| dtype | contender | ms per step | / base |",
     "| dtype | lorakit ms | peft ms | lorakit / peft |",
     "| dtype | contender | weights changed, 1 cycle | max drift, 1 cycle | weights changed, 10 cycles | max drift, "
     "10 cycles |",

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lorakit
+from lorakit.layers.linear import FLOAT32_BRANCH_MAX_MACS
 
 peft = pytest.importorskip("peft")
 pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
@@ -463,6 +464,44 @@ def test_gradients_match_peft(case: Case) -> None:
 
 
 # ----- dilation: peft ignores it, so compare with a hand-computed reference ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rows", "float32_branch"),
+    [
+        (torch.bfloat16, 1, True),
+        (torch.bfloat16, FLOAT32_BRANCH_MAX_MACS // (8 * (96 + 80)), True),  # the most rows in float32
+        (torch.bfloat16, FLOAT32_BRANCH_MAX_MACS // (8 * (96 + 80)) + 1, False),
+        (torch.float16, 1, True),
+        (torch.float16, 64, True),
+    ],
+)
+def test_half_precision_inference_branch(dtype: torch.dtype, rows: int, float32_branch: bool) -> None:
+    """On the CPU without autograd, a float16 branch, or a small bfloat16 one (decoding), runs in float32 and
+    is rounded once (it is faster there; see `LoraLinear`). That is how peft computes every branch, so lorakit's
+    output is peft's up to the order of float32 rounding; a larger bfloat16 branch is not."""
+    torch.manual_seed(0)
+    base = _seq(lin=nn.Linear(96, 80)).to(dtype).eval()
+    config = {"r": 8, "lora_alpha": 16, "target_modules": ["lin"], "lora_bias": True}
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config, init_lora_weights=False)).eval()
+    lk_model = lorakit.get_lora_model(copy.deepcopy(base), lorakit.LoraConfig(**config)).eval()
+    _copy_adapter(peft_model, lk_model, "default")
+    x = torch.randn(rows, 96).to(dtype)
+    with torch.no_grad():
+        base_out, peft_out, lk_out = base(x), peft_model(x), lk_model(x)
+    assert lk_out.dtype == dtype
+    assert_differs(peft_out.float(), base_out.float(), "peft output vs base")
+    error = (lk_out.float() - peft_out.float()).abs()
+    equal = (lk_out == peft_out).float().mean().item()
+    eps = torch.finfo(dtype).eps
+    if float32_branch:
+        # within one rounding of peft's everywhere; bit-equal but where the two float32 sums straddle a rounding
+        # boundary (a few elements in a thousand at most)
+        assert (error <= eps * peft_out.float().abs()).all()
+        assert equal >= 0.99, f"only {equal:.1%} of the outputs equal peft's"
+    else:  # the branch rounded in bfloat16 (design §3): close, but often not peft's bits
+        assert error.max() <= 2 * eps * peft_out.float().abs().max()
+        assert equal < 0.99, f"{equal:.1%} of the outputs equal peft's: is the bfloat16 branch running in float32?"
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,18 @@ Shapes: `x: (..., in)`, `A: (r, in)`, `B: (out, r)`, `s = alpha / r` (or `alpha 
     ΔW = s · (B @ A).T        for Conv1D    (weight `(in, out)`, "fan_in_fan_out")
 
 A and B are float32 master weights; the branch runs in the activation dtype, so a bfloat16 model runs a
-bfloat16 branch (as autocast would) while the optimizer updates float32 values. s is folded into B (out × r)
-rather than applied to the output. With one active adapter on a plain float32 `nn.Linear`, the forward computes
-`s·B(A x) + b` first and lets the base GEMM accumulate into it (`addmm_`): the output is written once, by
-the small GEMM, and read back only inside the compute-bound base GEMM.
+bfloat16 branch (as autocast would) while the optimizer updates float32 values. s is applied inside a GEMM
+(folded into B, out × r, or as `addmm`'s alpha), never as a pass over the output. Two paths were chosen
+because they measured faster (benchmarks/run.py):
+
+- with one active adapter on a plain float32 `nn.Linear`, the forward computes `s·B(A x) + b` first and
+  lets the base GEMM accumulate into it (`addmm_`): the output is written once, by the small GEMM, and read
+  back only inside the compute-bound base GEMM;
+- on the CPU without autograd, a float16 branch, or a small bfloat16 one (at most
+  `FLOAT32_BRANCH_MAX_MACS` multiply-adds, `rows·r·(in + out)`: decoding, small layers), runs in float32 on
+  the master weights and is added into the base output in place. CPU GEMMs in bfloat16 cost ~30 µs per call
+  however small, float32's skinny GEMMs a few µs plus their work; float16 GEMMs are slow at every size. The
+  result is the float32 branch rounded once, as peft computes it.
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ from .base import AdapterStack, LoraLayer, adapter_dtype, broadcast_gates
 # Where accumulating the base GEMM into the LoRA output measured faster (benchmarks/run.py --only train,inference):
 # float32 gains 1-2 points per layer; in bfloat16 CPU GEMMs with a bfloat16 accumulator input are slower.
 _FUSED_DTYPES = (torch.float32, torch.float64)
+# Up to this many multiply-adds a bfloat16 branch on the CPU is faster in float32 (measured from 128 to 4096
+# features, r 8-64, 1-1024 rows: float32 wins below ~1M, ties around it, loses from 2M); float16 always is.
+FLOAT32_BRANCH_MAX_MACS = 2**20
 
 
 def is_transformers_conv1d(module: nn.Module) -> bool:
@@ -59,18 +70,22 @@ class LoraLinear(LoraLayer):
             and not (_global_forward_hooks or _global_forward_pre_hooks)
         )
 
-    def _may_add_in_place(self) -> bool:
-        # without autograd, the branch may go into nn.Linear's fresh output, which nobody else holds
-        return not torch.is_grad_enabled() and self._is_plain_linear()
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapters = self._forward_adapters
         if (
-            len(self._forward_adapters) == 1 and self._stack is None and not args and not kwargs
-            and x.dtype in _FUSED_DTYPES and x.dtype == self.base_layer.weight.dtype
+            len(adapters) == 1 and self._stack is None and not args and not kwargs
             and not torch.is_autocast_enabled() and self._is_plain_linear()
         ):  # fmt: skip
-            return self._fused_forward(x, self._forward_adapters[0])
+            return self._plain_single_forward(x, adapters[0])
         return super().forward(x, *args, **kwargs)
+
+    def _plain_single_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The forward with one adapter on a plain nn.Linear (so `base(x)` is `F.linear(x, W, b)`)."""
+        base = self.base_layer
+        if x.dtype in _FUSED_DTYPES and x.dtype == base.weight.dtype:
+            return self._fused_forward(x, name)
+        # without autograd the branch may go into F.linear's fresh output, which nobody else holds
+        return self._add_branch(F.linear(x, base.weight, base.bias), x, name, in_place=not torch.is_grad_enabled())
 
     def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """`base(x) + s·B(A(dropout(x)))` for a plain nn.Linear base, computed the other way round: the LoRA
@@ -96,20 +111,37 @@ class LoraLinear(LoraLayer):
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **factory)
 
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        # without autograd, into the base output itself when it is nn.Linear's own fresh tensor (saves a copy)
+        return self._add_branch(result, x, name, in_place=not torch.is_grad_enabled() and self._is_plain_linear())
+
+    def _add_branch(self, result: torch.Tensor, x: torch.Tensor, name: str, in_place: bool) -> torch.Tensor:
+        """`result + s·B(A(dropout(x)))`, into `result` itself if `in_place` (only without autograd)."""
         p = self.lora_dropout_p[name]
         if p and self.training:
             x = F.dropout(x, p, training=True)
+        a, b, s = self.lora_A[name].weight, self.lora_B[name], self.scaling[name]
+        out_rows = result.reshape(-1, self.out_features)
+        rows = x.reshape(-1, self.in_features)
         dtype = result.dtype
-        b, s = self.lora_B[name], self.scaling[name]
-        hidden = F.linear(x.to(dtype), self.lora_A[name].weight.to(dtype))
-        # s folded into the small B (out × r) instead of the large output, and the sum fused into the GEMM;
-        # without autograd, into the base output itself when it is nn.Linear's own fresh tensor (saves a copy)
-        addmm = torch.Tensor.addmm_ if self._may_add_in_place() else torch.addmm
-        out = addmm(result.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]),
-                    (b.weight * s).to(dtype).T)  # fmt: skip
+        if in_place and self._float32_branch(dtype, rows.shape[0], a.shape[0], result.device):
+            # float32 GEMMs on the master weights; the in-place add rounds the float32 sum once
+            branch = F.linear(F.linear(rows.to(a.dtype), a), b.weight, b.bias)
+            return out_rows.add_(branch, alpha=s).view(result.shape)
+        hidden = F.linear(rows.to(dtype), a.to(dtype))
+        # s applied by the GEMM (alpha) rather than to the large output, and the sum fused into the GEMM
+        out = (out_rows.addmm_ if in_place else out_rows.addmm)(hidden, b.weight.to(dtype).T, alpha=s)
         if b.bias is not None:
-            out = out + (b.bias * s).to(dtype)
+            scaled_bias = (b.bias * s).to(dtype)
+            out = out.add_(scaled_bias) if in_place else out + scaled_bias
         return out.view(result.shape)
+
+    def _float32_branch(self, dtype: torch.dtype, rows: int, rank: int, device: torch.device) -> bool:
+        """Whether an inference branch in `dtype` over `rows` rows at rank `rank` is faster in float32 (see the
+        module doc)."""
+        if device.type != "cpu":
+            return False
+        macs = rows * rank * (self.in_features + self.out_features)
+        return dtype is torch.float16 or (dtype is torch.bfloat16 and macs <= FLOAT32_BRANCH_MAX_MACS)
 
     @staticmethod
     def use_gathered(adapters: int, tokens_per_row: int) -> bool:
