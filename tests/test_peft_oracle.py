@@ -467,23 +467,26 @@ def test_gradients_match_peft(case: Case) -> None:
 
 
 @pytest.mark.parametrize(
-    ("dtype", "rows", "float32_branch"),
+    ("layer", "dtype", "rows", "float32_branch"),
     [
-        (torch.bfloat16, 1, True),
-        (torch.bfloat16, FLOAT32_BRANCH_MAX_MACS // (8 * (96 + 80)), True),  # the most rows in float32
-        (torch.bfloat16, FLOAT32_BRANCH_MAX_MACS // (8 * (96 + 80)) + 1, False),
-        (torch.float16, 1, True),
-        (torch.float16, 64, True),
+        ("Linear", torch.bfloat16, 1, True),
+        ("Linear", torch.bfloat16, FLOAT32_BRANCH_MAX_MACS // (8 * (96 + 80)), True),  # the most rows in float32
+        ("Linear", torch.bfloat16, FLOAT32_BRANCH_MAX_MACS // (8 * (96 + 80)) + 1, False),
+        ("Linear", torch.float16, 1, True),
+        ("Linear", torch.float16, 64, True),
+        ("Conv1D", torch.bfloat16, 3, True),  # not a plain nn.Linear: the sum goes to a new tensor
+        ("Conv1D", torch.bfloat16, 1024, False),
     ],
 )
-def test_half_precision_inference_branch(dtype: torch.dtype, rows: int, float32_branch: bool) -> None:
+def test_half_precision_inference_branch(layer: str, dtype: torch.dtype, rows: int, float32_branch: bool) -> None:
     """On the CPU without autograd, a float16 branch, or a small bfloat16 one (decoding), runs in float32 and
     is rounded once (it is faster there; see `LoraLinear`). That is how peft computes every branch, so lorakit's
     output is peft's up to the order of float32 rounding; a larger bfloat16 branch is not."""
     torch.manual_seed(0)
-    base = _seq(lin=nn.Linear(96, 80)).to(dtype).eval()
+    base = _seq(lin=nn.Linear(96, 80) if layer == "Linear" else Conv1D(80, 96)).to(dtype).eval()
     config = {"r": 8, "lora_alpha": 16, "target_modules": ["lin"], "lora_bias": True}
-    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config, init_lora_weights=False)).eval()
+    peft_config = peft.LoraConfig(**config, init_lora_weights=False, fan_in_fan_out=layer == "Conv1D")
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft_config).eval()
     lk_model = lorakit.get_lora_model(copy.deepcopy(base), lorakit.LoraConfig(**config)).eval()
     _copy_adapter(peft_model, lk_model, "default")
     x = torch.randn(rows, 96).to(dtype)

@@ -16,9 +16,9 @@ because they measured faster (benchmarks/run.py):
   back only inside the compute-bound base GEMM;
 - on the CPU without autograd, a float16 branch, or a small bfloat16 one (at most
   `FLOAT32_BRANCH_MAX_MACS` multiply-adds, `rows·r·(in + out)`: decoding, small layers), runs in float32 on
-  the master weights and is added into the base output in place. CPU GEMMs in bfloat16 cost ~30 µs per call
-  however small, float32's skinny GEMMs a few µs plus their work; float16 GEMMs are slow at every size. The
-  result is the float32 branch rounded once, as peft computes it.
+  the master weights and is added into the base output (in place for a plain nn.Linear). CPU GEMMs in
+  bfloat16 cost ~30 µs per call however small, float32's skinny GEMMs a few µs plus their work; float16
+  GEMMs are slow at every size. The result is the float32 branch rounded once, as peft computes it.
 """
 
 from __future__ import annotations
@@ -123,10 +123,11 @@ class LoraLinear(LoraLayer):
         out_rows = result.reshape(-1, self.out_features)
         rows = x.reshape(-1, self.in_features)
         dtype = result.dtype
-        if in_place and self._float32_branch(dtype, rows.shape[0], a.shape[0], result.device):
+        if not torch.is_grad_enabled() and self._float32_branch(dtype, rows.shape[0], a.shape[0], result.device):
             # float32 GEMMs on the master weights; the in-place add rounds the float32 sum once
             branch = F.linear(F.linear(rows.to(a.dtype), a), b.weight, b.bias)
-            return out_rows.add_(branch, alpha=s).view(result.shape)
+            total = out_rows if in_place else out_rows.clone()
+            return total.add_(branch, alpha=s).view(result.shape)
         hidden = F.linear(rows.to(dtype), a.to(dtype))
         # s applied by the GEMM (alpha) rather than to the large output, and the sum fused into the GEMM
         out = (out_rows.addmm_ if in_place else out_rows.addmm)(hidden, b.weight.to(dtype).T, alpha=s)
