@@ -40,6 +40,25 @@ def test_no_graph_breaks_in_train_and_eval():
         assert explanation.graph_count == 1
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize(
+    ("dtype", "rows"),
+    [(torch.float32, 4), (torch.bfloat16, 4), (torch.bfloat16, 4096)],
+    ids=["f32", "bf16-small", "bf16-large"],
+)
+def test_no_graph_breaks_on_the_single_adapter_linear_paths(dtype: torch.dtype, rows: int, grad: bool):
+    """One adapter on a plain nn.Linear takes its own paths (base GEMM into the LoRA output in float32; without
+    autograd, the branch added in place, and a small bfloat16 branch in float32): they trace whole too."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).to(dtype)
+    lorakit.get_lora_model(model, lorakit.LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False))
+    x = torch.randn(rows, 64, dtype=dtype)
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(grad):
+        explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
 def test_compiled_llama_trains_like_eager():
     """A torch.compile'd lorakit Llama trains: its first loss is the eager model's, 3 AdamW steps lower the
     loss, every LoRA parameter moves and no base weight does."""
