@@ -120,15 +120,14 @@ class LoraLinear(LoraLayer):
         if p and self.training:
             x = F.dropout(x, p, training=True)
         a, b, s = self.lora_A[name].weight, self.lora_B[name], self.scaling[name]
-        out_rows = result.reshape(-1, self.out_features)
-        rows = x.reshape(-1, self.in_features)
         dtype = result.dtype
-        if not torch.is_grad_enabled() and self._float32_branch(dtype, rows.shape[0], a.shape[0], result.device):
+        rows = x.numel() // self.in_features
+        if not torch.is_grad_enabled() and self._float32_branch(dtype, rows, a.shape[0], result.device):
             # float32 GEMMs on the master weights; the in-place add rounds the float32 sum once
-            branch = F.linear(F.linear(rows.to(a.dtype), a), b.weight, b.bias)
-            total = out_rows if in_place else out_rows.clone()
-            return total.add_(branch, alpha=s).view(result.shape)
-        hidden = F.linear(rows.to(dtype), a.to(dtype))
+            branch = F.linear(F.linear(x.to(a.dtype), a), b.weight, b.bias)
+            return (result if in_place else result.clone()).add_(branch, alpha=s)
+        out_rows = result.reshape(rows, self.out_features)
+        hidden = F.linear(x.reshape(rows, self.in_features).to(dtype), a.to(dtype))
         # s applied by the GEMM (alpha) rather than to the large output, and the sum fused into the GEMM
         out = (out_rows.addmm_ if in_place else out_rows.addmm)(hidden, b.weight.to(dtype).T, alpha=s)
         if b.bias is not None:
