@@ -463,7 +463,7 @@ def test_gradients_match_peft(case: Case) -> None:
     assert with_grad == trainable
 
 
-# ----- dilation: peft ignores it, so compare with a hand-computed reference ------------------------------
+# ----- half precision on the CPU: the branch peft computes, where it is faster --------------------------
 
 
 @pytest.mark.parametrize(
@@ -505,6 +505,9 @@ def test_half_precision_inference_branch(layer: str, dtype: torch.dtype, rows: i
     else:  # the branch rounded in bfloat16 (design §3): close, but often not peft's bits
         assert error.max() <= 2 * eps * peft_out.float().abs().max()
         assert equal < 0.99, f"{equal:.1%} of the outputs equal peft's: is the bfloat16 branch running in float32?"
+
+
+# ----- dilation: peft ignores it, so compare with a hand-computed reference ------------------------------
 
 
 @pytest.mark.parametrize(
