@@ -456,6 +456,33 @@ def test_bfloat16_model_keeps_float32_master_weights_and_a_bf16_branch():
     assert layer.lora_A["default"].weight.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("adapters", [1, 2])
+def test_cpu_autocast_runs_every_path_in_bfloat16(adapters: int):
+    """Under `torch.autocast("cpu", bfloat16)` a float32 model's LoRA layers compute in bfloat16 like its base
+    layers: forward with and without grad, backward into float32 master weights. (The float32 single-adapter
+    path, which accumulates the base GEMM into the LoRA output, must step aside for it.)"""
+    model = tiny_llama()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    lorakit.get_lora_model(model, config)
+    if adapters == 2:
+        lorakit.add_adapter(model, "second", config)
+        lorakit.set_active_adapters(model, ["default", "second"])
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits
+        assert logits.dtype == torch.bfloat16
+        # bfloat16 rounding through two blocks: within a few eps of the largest float32 logit
+        atol = 8 * torch.finfo(torch.bfloat16).eps * reference.abs().max().item()
+        torch.testing.assert_close(logits.float(), reference, rtol=0.0, atol=atol)
+    logits.float().square().mean().backward()
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].weight.grad.dtype == torch.float32
+    assert layer.lora_B["default"].weight.grad.abs().sum() > 0
+
+
 def test_lora_state_dict_of_unknown_adapter():
     model = lorakit.get_lora_model(MLP(), LoraConfig(target_modules=["up"]))
     with pytest.raises(AdapterError, match="unknown adapter 'x'"):

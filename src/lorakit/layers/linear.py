@@ -74,7 +74,7 @@ class LoraLinear(LoraLayer):
         adapters = self._forward_adapters
         if (
             len(adapters) == 1 and self._stack is None and not args and not kwargs
-            and not torch.is_autocast_enabled() and self._is_plain_linear()
+            and not torch.is_autocast_enabled(x.device.type) and self._is_plain_linear()
         ):  # fmt: skip
             return self._plain_single_forward(x, adapters[0])
         return super().forward(x, *args, **kwargs)
