@@ -79,9 +79,19 @@ def test_config_reads_a_peft_adapter_config():
     assert config.target_modules == ["q_proj", "v_proj"]
 
 
-def test_config_warns_on_unknown_meaningful_fields():
-    with pytest.warns(UserWarning, match="unknown fields: shiny_new_feature"):
+def test_config_in_code_refuses_an_unknown_field_and_names_the_closest():
+    with pytest.raises(LoraConfigError, match=r"no field 'target_module' \(did you mean 'target_modules'\?\)"):
+        LoraConfig(target_module=["query"])
+    with pytest.raises(LoraConfigError, match="no field 'shiny_new_feature'"):
         LoraConfig(shiny_new_feature=True)
+
+
+def test_config_from_a_file_warns_on_unknown_meaningful_fields():
+    with pytest.warns(UserWarning, match="unknown fields: shiny_new_feature"):
+        config = LoraConfig.from_dict({"r": 4, "shiny_new_feature": True, "quiet_new_feature": None})
+    assert config.r == 4
+    with pytest.raises(LoraConfigError, match="use_qalora=True"):
+        LoraConfig.from_dict({"use_qalora": True})
 
 
 def test_rank_and_alpha_patterns_use_first_matching_key():

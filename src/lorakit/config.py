@@ -1,19 +1,24 @@
 """`LoraConfig`: what to adapt and how, with HuggingFace peft's field names and meanings.
 
-`LoraConfig(**json.load(open("adapter_config.json")))` works on a config peft wrote: peft fields that
-lorakit does not model are dropped (silently when they hold peft's "off" value, with a warning otherwise),
-and fields that would change the adapter's math in a way lorakit does not implement raise a
-`LoraConfigError` instead of loading an adapter that would compute something else.
+Written in code, a config is strict: `LoraConfig(target_module=["q_proj"])` is a `LoraConfigError` that
+names the closest real field (`target_modules`). Read from a file, it is lenient where a newer peft may have
+added something: `LoraConfig.from_dict(json.load(f))` (what `lorakit.read_adapter_config` uses) drops peft
+fields that lorakit does not model (silently when they hold peft's "off" value or only describe how the
+adapter was initialised, with a warning for names it does not know). Either way, a peft field that would
+change the adapter's math in a way lorakit does not implement raises a `LoraConfigError` instead of loading
+an adapter that would compute something else.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
+import difflib
+import inspect
 import math
 import re
 import sys
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -22,48 +27,38 @@ from .errors import LoraConfigError
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = (True, False, "gaussian")
 
-# peft fields that change what an adapter computes; lorakit refuses them rather than ignore them.
-_UNSUPPORTED_PEFT_FEATURES = (
-    "use_dora",
-    "target_parameters",
-    "layer_replication",
-    "alora_invocation_tokens",
-    "trainable_token_indices",
-    "arrow_config",
-    "use_bdlora",
-    "velora_config",
-    "kasa_config",
-    "monteclora_config",
-    "use_qalora",
-)
+# peft 0.21 fields that lorakit does not model: the value peft writes when the feature is off (lorakit writes
+# these into every adapter_config.json, as peft does), and whether a value other than that changes what the
+# adapter computes (refused) or only how it was initialised or served (dropped).
+PEFT_FIELDS_NOT_MODELED: dict[str, tuple[Any, bool]] = {
+    "alora_invocation_tokens": (None, True),
+    "arrow_config": (None, True),
+    "auto_mapping": (None, False),
+    "corda_config": (None, False),
+    "ensure_weight_tying": (False, False),
+    "eva_config": (None, False),
+    "kasa_config": (None, True),
+    "layer_replication": (None, True),
+    "loftq_config": ({}, False),
+    "lora_ga_config": (None, False),
+    "megatron_config": (None, False),
+    "megatron_core": ("megatron.core", False),
+    "monteclora_config": (None, True),
+    "qalora_group_size": (16, False),
+    "revision": (None, False),
+    "target_parameters": (None, True),
+    "trainable_token_indices": (None, True),
+    "use_bdlora": (None, True),
+    "use_qalora": (False, True),
+    "velora_config": (None, True),
+}
+# Written by peft into every config; checked (`peft_type`) or ignored (`peft_version`).
+_PEFT_BOOKKEEPING = ("peft_type", "peft_version")
 
 
 @dataclass
-class LoraConfig:
-    """How to add one LoRA adapter to a model (peft's `LoraConfig` fields and meanings).
-
-    Attributes:
-        r: rank of the update `ΔW = s·B·A`, `A: (r, in)`, `B: (out, r)`.
-        lora_alpha: numerator of the scaling `s = lora_alpha / r` (`lora_alpha / sqrt(r)` with rsLoRA).
-        lora_dropout: dropout probability on the LoRA branch's input, in [0, 1).
-        target_modules: which modules to adapt. A string is a regex `re.fullmatch`ed against full module
-            names; a list matches names exactly or by a `"." + entry` suffix; `"all-linear"` means every
-            `Linear`/`Conv1D` except the output embedding. `None` uses the per-family defaults table.
-        exclude_modules: same forms as `target_modules`; checked first.
-        bias: `"none"`, `"all"` (train every bias) or `"lora_only"` (train the biases of adapted layers).
-        use_rslora: use `s = lora_alpha / sqrt(r)`.
-        init_lora_weights: `True` (A kaiming-uniform, B = 0), `"gaussian"` (A ~ N(0, 1/r), B = 0) or
-            `False` (both random; for tests).
-        modules_to_save: modules (names or suffixes) that get a full trainable copy, e.g. a classifier head.
-        rank_pattern, alpha_pattern: per-module overrides of `r` / `lora_alpha`; the first key (in dict
-            order) with `re.match(rf"(.*\\.)?({key})$", name)` wins.
-        fan_in_fan_out: the base weight is stored `(in, out)`. lorakit detects this from the layer type
-            (transformers `Conv1D`), so the field is kept only for peft compatibility.
-        layers_to_transform, layers_pattern: restrict list targets to these layer indices.
-        lora_bias: give B a bias (peft's `lora_bias`).
-        use_dora: not supported yet; `True` raises.
-        task_type, base_model_name_or_path, inference_mode: carried for peft compatibility.
-    """
+class _LoraFields:
+    """The fields of `LoraConfig` and their validation (see `LoraConfig`)."""
 
     r: int = 8
     lora_alpha: float = 8
@@ -211,40 +206,80 @@ def _is_off(value: Any) -> bool:
     return value is None or value is False or (isinstance(value, (str, list, dict, tuple)) and len(value) == 0)
 
 
-_KNOWN_FIELDS = frozenset(f.name for f in fields(LoraConfig))
-# Fields peft always writes that carry no meaning for the adapter's math.
-_INERT_PEFT_FIELDS = frozenset(
-    {
-        "peft_type",
-        "peft_version",
-        "auto_mapping",
-        "revision",
-        "megatron_core",
-        "qalora_group_size",
-        "loftq_config",
-        "eva_config",
-        "corda_config",
-        "lora_ga_config",
-        "ensure_weight_tying",
-        "megatron_config",
-    }
-)
-_generated_init = LoraConfig.__init__
+_FIELD_NAMES = frozenset(f.name for f in fields(_LoraFields))
 
 
-@functools.wraps(_generated_init)
-def _init_accepting_peft_fields(self: LoraConfig, **kwargs: Any) -> None:
-    extra = {key: kwargs.pop(key) for key in list(kwargs) if key not in _KNOWN_FIELDS}
-    peft_type = extra.get("peft_type")
+class LoraConfig(_LoraFields):
+    """How to add one LoRA adapter to a model (peft's `LoraConfig` fields and meanings).
+
+    Attributes:
+        r: rank of the update `ΔW = s·B·A`, `A: (r, in)`, `B: (out, r)`.
+        lora_alpha: numerator of the scaling `s = lora_alpha / r` (`lora_alpha / sqrt(r)` with rsLoRA).
+        lora_dropout: dropout probability on the LoRA branch's input, in [0, 1).
+        target_modules: which modules to adapt. A string is a regex `re.fullmatch`ed against full module
+            names; a list matches names exactly or by a `"." + entry` suffix; `"all-linear"` means every
+            `Linear`/`Conv1D` except the output embedding. `None` uses the per-family defaults table.
+        exclude_modules: same forms as `target_modules`; checked first.
+        bias: `"none"`, `"all"` (train every bias) or `"lora_only"` (train the biases of adapted layers).
+        use_rslora: use `s = lora_alpha / sqrt(r)`.
+        init_lora_weights: `True` (A kaiming-uniform, B = 0), `"gaussian"` (A ~ N(0, 1/r), B = 0) or
+            `False` (both random; for tests).
+        modules_to_save: modules (names or suffixes) that get a full trainable copy, e.g. a classifier head.
+        rank_pattern, alpha_pattern: per-module overrides of `r` / `lora_alpha`; the first key (in dict
+            order) with `re.match(rf"(.*\\.)?({key})$", name)` wins.
+        fan_in_fan_out: the base weight is stored `(in, out)`. lorakit detects this from the layer type
+            (transformers `Conv1D`), so the field is kept only for peft compatibility.
+        layers_to_transform, layers_pattern: restrict list targets to these layer indices.
+        lora_bias: give B a bias (peft's `lora_bias`).
+        use_dora: not supported yet; `True` raises.
+        task_type, base_model_name_or_path, inference_mode: carried for peft compatibility.
+
+    Keyword arguments only. An unknown field is a `LoraConfigError` naming the closest real one; peft's own
+    fields that lorakit does not model are accepted while they hold peft's "off" value, so
+    `LoraConfig(**peft_config.to_dict())` works. For a config read from a file use `LoraConfig.from_dict`.
+    """
+
+    def __init__(self, **values: Any) -> None:
+        super().__init__(**_modeled_fields(values, strict=True))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], strict: bool = False) -> LoraConfig:
+        """A config from a dict as peft writes `adapter_config.json`. Unlike the constructor, fields that no
+        peft version lorakit knows has written only warn (`strict=False`): they come from a newer peft."""
+        config = cls.__new__(cls)
+        _LoraFields.__init__(config, **_modeled_fields(dict(values), strict=strict))
+        return config
+
+
+LoraConfig.__signature__ = inspect.signature(_LoraFields)  # help() and IDEs show the fields, not **values
+
+
+def _modeled_fields(values: dict[str, Any], strict: bool) -> dict[str, Any]:
+    """`values` without the peft fields lorakit does not model, after checking that dropping them changes
+    nothing an adapter computes. An unknown name raises (`strict`) or warns."""
+    extra = {key: values.pop(key) for key in list(values) if key not in _FIELD_NAMES}
+    peft_type = extra.pop("peft_type", None)
     if peft_type is not None and str(peft_type).upper() not in ("LORA", "PEFTTYPE.LORA"):
         raise LoraConfigError(f"peft_type is {peft_type!r}; lorakit's LoraConfig reads 'LORA' adapters only")
-    for key in _UNSUPPORTED_PEFT_FEATURES:
-        if key in extra and not _is_off(extra[key]):
-            raise LoraConfigError(f"{key}={extra[key]!r} is a peft feature lorakit does not support yet")
-    unknown = sorted(k for k, v in extra.items() if k not in _INERT_PEFT_FIELDS and not _is_off(v))
-    if unknown:
-        warnings.warn(f"LoraConfig ignores unknown fields: {', '.join(unknown)}", stacklevel=2)
-    _generated_init(self, **kwargs)
+    unknown = []
+    for key, value in extra.items():
+        if key in _PEFT_BOOKKEEPING:
+            continue
+        if key not in PEFT_FIELDS_NOT_MODELED:
+            unknown.append(key)
+            continue
+        off, changes_math = PEFT_FIELDS_NOT_MODELED[key]
+        if changes_math and not (value == off or _is_off(value)):
+            raise LoraConfigError(f"{key}={value!r} is a peft feature lorakit does not support yet")
+    if unknown and strict:
+        hints = [f"{key!r}{_closest_field(key)}" for key in unknown]
+        raise LoraConfigError(f"LoraConfig has no field {', '.join(hints)}")
+    meaningful = sorted(key for key in unknown if not _is_off(extra[key]))
+    if meaningful:
+        warnings.warn(f"LoraConfig ignores unknown fields: {', '.join(meaningful)}", stacklevel=3)
+    return values
 
 
-LoraConfig.__init__ = _init_accepting_peft_fields  # type: ignore[method-assign]
+def _closest_field(name: str) -> str:
+    close = difflib.get_close_matches(name, sorted(_FIELD_NAMES | PEFT_FIELDS_NOT_MODELED.keys()), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

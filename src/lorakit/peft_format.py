@@ -15,6 +15,7 @@ a `LoraError` that leaves the model as it was.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from ._files import replace_files
-from .config import LoraConfig
+from .config import PEFT_FIELDS_NOT_MODELED, LoraConfig
 from .errors import AdapterError, LoraError
 from .layers import LoraEmbedding, LoraLayer
 from .layers.modules_to_save import ModulesToSave
@@ -40,29 +41,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 
-# Fields peft 0.21 writes that lorakit does not model, with the values meaning "feature off".
-_PEFT_OFF_FIELDS: dict[str, Any] = {
-    "alora_invocation_tokens": None,
-    "arrow_config": None,
-    "auto_mapping": None,
-    "corda_config": None,
-    "ensure_weight_tying": False,
-    "eva_config": None,
-    "kasa_config": None,
-    "layer_replication": None,
-    "loftq_config": {},
-    "lora_ga_config": None,
-    "megatron_config": None,
-    "megatron_core": "megatron.core",
-    "monteclora_config": None,
-    "qalora_group_size": 16,
-    "revision": None,
-    "target_parameters": None,
-    "trainable_token_indices": None,
-    "use_bdlora": None,
-    "use_qalora": False,
-    "velora_config": None,
-}
 # init schemes that only shape the starting point of A and B: a trained adapter loads like any other.
 _WEIGHT_ONLY_INITS = ("eva", "orthogonal")
 _MAX_CONFIG_BYTES = 16 << 20
@@ -115,7 +93,8 @@ def peft_config_dict(config: LoraConfig, model: nn.Module | None = None) -> dict
                 "base_model_class": type(model).__name__,
                 "parent_library": type(model).__module__,
             }
-    return dict(sorted({**_PEFT_OFF_FIELDS, **fields, "peft_type": "LORA"}.items()))
+    off = {name: copy.deepcopy(value) for name, (value, _) in PEFT_FIELDS_NOT_MODELED.items()}
+    return dict(sorted({**off, **fields, "peft_type": "LORA"}.items()))
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -148,7 +127,7 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     if data.get("init_lora_weights") in _WEIGHT_ONLY_INITS:
         data["init_lora_weights"] = True
     try:
-        return LoraConfig(**data)
+        return LoraConfig.from_dict(data)
     except LoraError as error:
         raise type(error)(f"{path}: {error}") from None
     except (TypeError, ValueError, re.error) as error:
