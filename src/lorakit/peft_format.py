@@ -182,7 +182,7 @@ def load_adapter(
     corrupt file, or an invalid config.
     """
     directory = resolve_adapter_dir(path)
-    config = read_adapter_config(directory)
+    config = resolve_config(model, read_adapter_config(directory), strict=False)
     was_lora = is_lora_model(model)
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     children = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()]
@@ -237,7 +237,7 @@ def hot_swap_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: st
     if slot_config is None:
         raise AdapterError(f"unknown adapter {adapter_name!r}; this model has {sorted(state.configs)}")
     directory = resolve_adapter_dir(path)
-    config = resolve_config(model, read_adapter_config(directory))
+    config = resolve_config(model, read_adapter_config(directory), strict=False)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.r}
     _check_swappable(model, directory, config, slot_config, adapter_name, layers)
     params = _adapter_parameters(model, adapter_name)
@@ -304,13 +304,13 @@ def _check_swappable(
 
 def _check_ranks(model: nn.Module, config: LoraConfig, weights: Weights, directory: Path) -> None:
     """Refuse, before any layer is built, a rank larger than every tensor in the file (an adapter tensor has
-    at least r elements): a hostile `r` must not make the conversion allocate r × features floats."""
+    at least r elements): a hostile `r` must not make the conversion allocate r × features floats. `config`
+    is resolved (`resolve_config`)."""
     largest = max((math.prod(shape) for shape in weights.shapes.values()), default=0)
-    resolved = resolve_config(model, config)
-    for name, _ in find_targets(model, resolved):
-        if resolved.rank_for(name) > largest:
+    for name, _ in find_targets(model, config):
+        if config.rank_for(name) > largest:
             raise LoraError(
-                f"{directory}: the config gives {name!r} rank {resolved.rank_for(name)}, but the largest tensor "
+                f"{directory}: the config gives {name!r} rank {config.rank_for(name)}, but the largest tensor "
                 f"in the weights file has {largest} elements"
             )
 

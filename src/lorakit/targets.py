@@ -37,10 +37,15 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 _SEQ_CLS_HEADS = ("classifier", "score")
 
 
+def _entry_matches(entry: str, name: str) -> bool:
+    """peft's rule for one entry of a list: the module's full name, or its ending after a dot."""
+    return name == entry or name.endswith("." + entry)
+
+
 def _matches(pattern: list[str] | str, name: str) -> bool:
     if isinstance(pattern, str):
         return re.fullmatch(pattern, name) is not None
-    return name in pattern or any(name.endswith("." + entry) for entry in pattern)
+    return any(_entry_matches(entry, name) for entry in pattern)
 
 
 def _layer_index(config: LoraConfig, name: str) -> int | None:
@@ -80,7 +85,7 @@ def is_targeted(config: LoraConfig, name: str) -> bool:
         return re.fullmatch(targets, name) is not None
     if name in targets:
         return True
-    return any(name.endswith("." + entry) for entry in targets) and _in_layers(config, name)
+    return _matches(targets, name) and _in_layers(config, name)
 
 
 def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -145,8 +150,16 @@ def expand_all_linear(model: nn.Module, config: LoraConfig) -> LoraConfig:
     return config.replace(target_modules=names)
 
 
-def resolve_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
-    """`config` with `target_modules` made explicit: the family default for None, the list for all-linear."""
+def resolve_config(model: nn.Module, config: LoraConfig, strict: bool = True) -> LoraConfig:
+    """`config` with `target_modules` made explicit: the family default for None (the entries of it this
+    model has), the list for all-linear.
+
+    A `target_modules` list entry that matches no module, or a `layers_to_transform` index the model does not
+    have, selects nothing. With `strict` (a config the user wrote) that is a `TargetError` naming them;
+    otherwise (a config read from a file, perhaps written for a sibling model) they are dropped, which
+    changes nothing the config selects.
+    """
+    names = [name for name, _ in candidate_modules(model)]
     if config.target_modules is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGET_MODULES:
@@ -155,8 +168,74 @@ def resolve_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
                 f"target_modules=None needs a known model family, and {type(model).__name__} "
                 f"(model_type={model_type!r}) is not one of: {known}. Pass target_modules explicitly."
             )
-        return config.replace(target_modules=list(DEFAULT_TARGET_MODULES[model_type]))
+        config = config.replace(target_modules=list(DEFAULT_TARGET_MODULES[model_type]))
+        strict = False  # the table names both transformers 4's and 5's modules
+    if isinstance(config.target_modules, list):
+        config = _drop_unmatched_entries(model, config, names, strict)
+        config = _drop_missing_layers(config, names, strict)
     return expand_all_linear(model, config)
+
+
+def _drop_unmatched_entries(model: nn.Module, config: LoraConfig, names: list[str], strict: bool) -> LoraConfig:
+    entries = config.target_modules
+    unmatched = [entry for entry in entries if not any(_entry_matches(entry, name) for name in names)]
+    if strict and unmatched:
+        raise TargetError(
+            f"target_modules entries {unmatched} matched no module of {type(model).__name__} (an entry matches a "
+            f"module's full name or its ending after a dot).{_closest_names(model, unmatched)}"
+        )
+    kept = [entry for entry in entries if entry not in unmatched]
+    return config.replace(target_modules=kept) if unmatched and kept else config  # none kept: find_targets says so
+
+
+def _drop_missing_layers(config: LoraConfig, names: list[str], strict: bool) -> LoraConfig:
+    wanted = config.layers_to_transform
+    if wanted is None or wanted == []:
+        return config  # as in peft, layers_to_transform restricts list targets only
+    have = _layer_indices(config, names)
+    if strict and not have:
+        raise TargetError(
+            f"layers_to_transform={wanted} needs layer indices in the names of the modules target_modules matches, "
+            f"and layers_pattern={config.layers_pattern!r} finds none in them"
+        )
+    listed = [wanted] if isinstance(wanted, int) else wanted
+    missing = sorted(set(listed) - have)
+    if strict and missing:
+        raise TargetError(
+            f"layers_to_transform={wanted}: the model has no layer {missing} among the modules target_modules "
+            f"matches (layers_pattern={config.layers_pattern!r}); its layers are {_span(sorted(have))}"
+        )
+    kept = [index for index in listed if index in have]
+    return config.replace(layers_to_transform=kept) if missing and kept else config
+
+
+def _layer_indices(config: LoraConfig, names: list[str]) -> set[int]:
+    """The layer indices, per `layers_pattern`, of the modules a `target_modules` list matches."""
+    matched = [name for name in names if _matches(config.target_modules, name)]
+    return {index for index in (_layer_index(config, name) for name in matched) if index is not None}
+
+
+def _span(indices: list[int]) -> str:
+    contiguous = indices == list(range(indices[0], indices[-1] + 1))
+    return f"{indices[0]}–{indices[-1]}" if contiguous and len(indices) > 2 else ", ".join(map(str, indices))
+
+
+def quantized_layer_kind(module: nn.Module) -> str | None:
+    """What quantizes `module`'s weight ("bitsandbytes", "torchao", "torch quantization", or its integer
+    dtype), or None for a layer with a plain floating weight. lorakit cannot adapt quantized layers yet."""
+    module_path = type(module).__module__
+    if module_path.split(".")[0] == "bitsandbytes":
+        return "bitsandbytes"
+    if module_path.startswith(("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")):
+        return "torch quantization"
+    weight = module._parameters.get("weight")
+    if weight is None:
+        return None
+    if type(weight).__module__.split(".")[0] == "torchao":  # a torchao tensor subclass (int8, int4, float8…)
+        return "torchao"
+    if not weight.is_floating_point():
+        return f"{weight.dtype} weights"
+    return None
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
@@ -164,9 +243,18 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     candidates = list(candidate_modules(model))
     targets = [(name, module) for name, module in candidates if is_targeted(config, name)]
     if not targets:
-        raise TargetError(_nothing_matched(config, [name for name, _ in candidates]))
+        raise TargetError(_nothing_matched(model, config, [name for name, _ in candidates]))
     for name, module in targets:
-        if not isinstance(module, LoraLayer) and lora_layer_type_for(module) is None:
+        if isinstance(module, LoraLayer):
+            continue
+        kind = quantized_layer_kind(module)
+        if kind is not None:
+            raise TargetError(
+                f"module {name!r} is a quantized layer ({type(module).__module__}.{type(module).__qualname__}, "
+                f"{kind}): lorakit cannot put LoRA on quantized base layers yet. Target the model before "
+                "quantizing it, or leave this module out of target_modules."
+            )
+        if lora_layer_type_for(module) is None:
             raise TargetError(
                 f"module {name!r} of type {type(module).__module__}.{type(module).__qualname__} matched "
                 f"target_modules={config.target_modules!r}, but lorakit has no LoRA layer for that type. "
@@ -176,16 +264,41 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     return targets
 
 
-def _nothing_matched(config: LoraConfig, names: list[str]) -> str:
-    wanted = [config.target_modules] if isinstance(config.target_modules, str) else list(config.target_modules)
-    leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
+def _nothing_matched(model: nn.Module, config: LoraConfig, names: list[str]) -> str:
+    target = config.target_modules
+    if isinstance(target, str):
+        return (
+            f"target_modules={target!r} matched no module. A string is a regular expression that must match a "
+            f"module's whole name (such as {_example(names)!r}); to match modules by the end of their names, pass "
+            f"a list: target_modules=[{target!r}].{_closest_names(model, [target])}"
+        )
+    if config.layers_to_transform not in (None, []) and any(_matches(target, name) for name in names):
+        indices = _layer_indices(config, names)
+        found = f"their layers are {_span(sorted(indices))}" if indices else "layers_pattern finds no index in them"
+        return (
+            f"layers_to_transform={config.layers_to_transform} (layers_pattern={config.layers_pattern!r}) "
+            f"leaves none of the modules target_modules={target} matches: {found}"
+        )
+    return f"target_modules={target!r} matched no module of the model.{_closest_names(model, target)}"
+
+
+def _example(names: list[str]) -> str:
+    """A representative full module name: the deepest one."""
+    return max(names, key=lambda name: (name.count("."), name), default="")
+
+
+def _closest_names(model: nn.Module, entries: list[str]) -> str:
+    """Module names close to `entries`, and the name endings of the modules lorakit can adapt."""
+    adaptable = [name for name, module in candidate_modules(model) if _adaptable(module)]
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in adaptable})
     close: list[str] = []
-    for entry in wanted:
+    for entry in entries:
         close += difflib.get_close_matches(entry.rsplit(".", 1)[-1], leaves, n=5, cutoff=0.5)
-        close += difflib.get_close_matches(entry, names, n=3, cutoff=0.6)
+        close += difflib.get_close_matches(entry, adaptable, n=3, cutoff=0.6)
     hint = f" Closest module names: {', '.join(dict.fromkeys(close))}." if close else ""
-    sample = ", ".join(leaves[:20])
-    return (
-        f"target_modules={config.target_modules!r} matched no module of the model.{hint} "
-        f"Module name endings in this model: {sample}{' …' if len(leaves) > 20 else ''}"
-    )
+    shown = ", ".join(leaves[:30]) + (" …" if len(leaves) > 30 else "")
+    return f"{hint} Name endings of the modules lorakit can adapt here: {shown}"
+
+
+def _adaptable(module: nn.Module) -> bool:
+    return isinstance(module, LoraLayer) or lora_layer_type_for(module) is not None
