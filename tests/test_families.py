@@ -6,7 +6,7 @@ three AdamW steps lower the loss on a fixed batch; the base weights stay bit-ide
 unmerged ones; `unmerge` restores every base weight bit for bit; `save_adapter` → a fresh copy of the base →
 `load_adapter` gives identical outputs; `merge_and_unload` gives a plain transformers model whose
 `save_pretrained`/`from_pretrained` round trip gives the same outputs; and `generate()` gives the same tokens
-merged and unmerged. Then: a bfloat16 case, transformers' `Trainer` with `SaveAdapterCallback`, and tied
+merged and unmerged. Then: a bfloat16 case, transformers' `Trainer`, and tied
 weights (an output projection sharing the word embeddings' weight).
 
 The models run in eval mode throughout (dropout off, BatchNorm statistics frozen), so the fixed-batch loss
@@ -429,8 +429,6 @@ class _Rows(torch.utils.data.Dataset):
 
 
 def test_trainer_trains_llama_lora_and_saves_the_adapter(tmp_path: Path) -> None:
-    from lorakit.integrations.transformers import SaveAdapterCallback
-
     family = FAMILIES[0]
     base = build(family)
     fresh = copy.deepcopy(base)
@@ -449,8 +447,9 @@ def test_trainer_trains_llama_lora_and_saves_the_adapter(tmp_path: Path) -> None
         lr_scheduler_type="constant", report_to=[], save_strategy="steps", save_steps=3, logging_steps=1,
         use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0,
     )  # fmt: skip
-    trainer = tf.Trainer(model=model, args=args, train_dataset=_Rows(rows), callbacks=[SaveAdapterCallback()])
+    trainer = tf.Trainer(model=model, args=args, train_dataset=_Rows(rows))
     result = trainer.train()
+    trainer.save_model()  # the model's save_pretrained: the adapter, in peft's format
     assert result.global_step == 3
     assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry] == [1, 2, 3]
 
@@ -459,7 +458,7 @@ def test_trainer_trains_llama_lora_and_saves_the_adapter(tmp_path: Path) -> None
     assert changed(originals, snapshot) == []  # Trainer touched only the adapter
 
     run = tmp_path / "run"
-    for directory in (run, run / "checkpoint-3"):  # on_train_end and on_save
+    for directory in (run, run / "checkpoint-3"):  # save_model and the checkpoint
         assert (directory / "adapter_config.json").is_file() and (directory / "adapter_model.safetensors").is_file()
     model.eval()
     batch = fixed_batch(family)

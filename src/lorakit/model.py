@@ -3,15 +3,21 @@
 A LoRA model is the user's own model object, converted in place: targeted modules are replaced by LoRA
 layers wrapping them (`q_proj` becomes a `LoraLinear` whose `base_layer` is the original `nn.Linear`), and a
 small `LoraState` object records each adapter's resolved config and which adapters are active. The model's
-class does not change, so `generate()`, `save_pretrained()`, `Trainer` and `torch.compile` keep working.
+class does not change, so `generate()`, `Trainer` and `torch.compile` keep working. A model with a
+`save_pretrained` method (transformers) gets one that writes its adapters in peft's format instead of base
+weights under the LoRA layers' keys, which `from_pretrained` could not read back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
 from .config import LoraConfig
@@ -32,6 +38,7 @@ class LoraState:
     configs: dict[str, LoraConfig] = field(default_factory=dict)  # resolved: explicit target lists
     active: list[str] = field(default_factory=list)
     trainable: dict[str, bool] = field(default_factory=dict)
+    frozen_load_check: Any = None  # the hook of `watch_frozen_load`, while it watches
 
 
 def lora_state(model: nn.Module) -> LoraState:
@@ -75,8 +82,41 @@ def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     for param in model.parameters():
         param.requires_grad_(False)
     setattr(model, _STATE_ATTR, state)  # a plain attribute: not a module, not in state_dict
+    if callable(getattr(model, "save_pretrained", None)):
+        model.save_pretrained = AdapterSavePretrained(model)
     set_active_adapters(model, adapter_name)
     return model
+
+
+class AdapterSavePretrained:
+    """`model.save_pretrained` of a converted model that had one (a transformers `PreTrainedModel`): writes the
+    adapters as peft's `PeftModel.save_pretrained` does (adapter `"default"` in the directory, each other one in
+    `<directory>/<name>/`, `base_model_name_or_path` from the model) and no base weights. `trainer.save_model`
+    and every `Trainer` checkpoint go through it. A merged model writes its adapters all the same (merging is
+    a state of the loaded model, not of the adapter); for a plain checkpoint with the adapters baked in, call
+    `lorakit.merge_and_unload(model)` first, which gives the model its own `save_pretrained` back.
+
+    Arguments are transformers' (`state_dict`, when given, supplies the adapter tensors, as `Trainer` does
+    under FSDP or DeepSpeed; `is_main_process=False` writes nothing) and peft's `selected_adapters`; weights
+    are always safetensors, and `push_to_hub` is refused (save, then upload the directory).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(
+        self, save_directory: str | os.PathLike, is_main_process: bool = True,
+        state_dict: Mapping[str, torch.Tensor] | None = None, push_to_hub: bool = False,
+        selected_adapters: Sequence[str] | None = None, **ignored: Any,
+    ) -> Path:  # fmt: skip
+        from .peft_format import save_pretrained
+
+        if push_to_hub:
+            raise LoraError("save_pretrained(push_to_hub=True) is not supported on a lorakit model: save, then upload")
+        directory = Path(save_directory)
+        if is_main_process:
+            save_pretrained(self.model, directory, selected_adapters, state_dict)
+        return directory
 
 
 def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig, trainable: bool = True) -> None:
@@ -259,9 +299,26 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove an adapter and its parameters. Deleting a merged adapter is an error: unmerge first."""
+    """Remove an adapter and its parameters. Nothing else changes: the other active adapters stay active.
+
+    `AdapterError`, with nothing changed, for an adapter that is merged (unmerge first), the model's last
+    adapter (`lorakit.unload(model)` removes the LoRA layers altogether), or its only active one (activate
+    another first: lorakit does not pick one for you, and a model without active adapters would silently run
+    as the base model).
+    """
     state = lora_state(model)
     _known(state, adapter_name)
+    if list(state.configs) == [adapter_name]:
+        raise AdapterError(
+            f"adapter {adapter_name!r} is the model's last adapter; lorakit.unload(model) removes the LoRA layers "
+            "(or add another adapter first)"
+        )
+    if state.active == [adapter_name]:
+        others = [name for name in state.configs if name != adapter_name]
+        raise AdapterError(
+            f"adapter {adapter_name!r} is the only active adapter; activate another first, e.g. "
+            f"lorakit.set_active_adapters(model, {others[0]!r}), then delete it"
+        )
     for name, layer in lora_layers(model):
         if adapter_name in layer.merged_adapters:
             raise AdapterError(f"adapter {adapter_name!r} is merged (in {name!r}); unmerge before deleting it")
@@ -272,6 +329,28 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     del state.configs[adapter_name]
     state.trainable.pop(adapter_name, None)
     state.active = [n for n in state.active if n != adapter_name]
+
+
+def watch_frozen_load(model: nn.Module) -> None:
+    """After loading an adapter frozen (`load_adapter(..., trainable=False)`, the default) onto a plain model:
+    until something in the model requires grad, a training-mode forward with autograd on is a `LoraError` that
+    names `trainable=True`, instead of torch's "element 0 of tensors does not require grad" at backward."""
+    state = lora_state(model)
+
+    def check(module: nn.Module, args: tuple) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        if any(param.requires_grad for param in module.parameters()):
+            state.frozen_load_check.remove()  # the user has set up training
+            state.frozen_load_check = None
+            return
+        raise LoraError(
+            "the model is in training mode with autograd on, but none of its parameters requires grad: its adapter "
+            "was loaded with lorakit.load_adapter(..., trainable=False), the default. Load it with trainable=True "
+            "to train it, or call model.eval() for inference."
+        )
+
+    state.frozen_load_check = model.register_forward_pre_hook(check)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -362,7 +441,9 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def _unwrap(model: nn.Module, keep_trained_copies: bool) -> nn.Module:
-    lora_state(model)
+    state = lora_state(model)
+    if state.frozen_load_check is not None:
+        state.frozen_load_check.remove()
     parents = _parent_index(model)
     for wrapper in list(_adapter_modules(model)):
         if isinstance(wrapper, LoraLayer):
@@ -374,4 +455,6 @@ def _unwrap(model: nn.Module, keep_trained_copies: bool) -> nn.Module:
             replacement = wrapper.original_module
         _replace(parents, wrapper, replacement)
     delattr(model, _STATE_ATTR)
+    if isinstance(model.__dict__.get("save_pretrained"), AdapterSavePretrained):
+        del model.save_pretrained  # the class's own again: a plain model saves its weights
     return model

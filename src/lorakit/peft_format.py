@@ -20,7 +20,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,16 @@ from .config import PEFT_FIELDS_NOT_MODELED, LoraConfig
 from .errors import AdapterError, LoraError
 from .layers import LoraEmbedding, LoraLayer
 from .layers.modules_to_save import ModulesToSave
-from .model import add_adapter, bias_parameters, delete_adapter, get_lora_model, is_lora_model, lora_state, unload
+from .model import (
+    add_adapter,
+    bias_parameters,
+    delete_adapter,
+    get_lora_model,
+    is_lora_model,
+    lora_state,
+    unload,
+    watch_frozen_load,
+)
 from .targets import find_targets, resolve_config
 
 PEFT_PREFIX = "base_model.model."
@@ -141,14 +150,19 @@ def _reject_constant(name: str) -> None:
 # ----- save ---------------------------------------------------------------------------------------------
 
 
-def adapter_files(model: nn.Module, adapter_name: str = "default") -> dict[str, bytes]:
-    """The bytes of `adapter_config.json` and `adapter_model.safetensors` for adapter `adapter_name`."""
+def adapter_files(
+    model: nn.Module, adapter_name: str = "default", state_dict: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, bytes]:
+    """The bytes of `adapter_config.json` and `adapter_model.safetensors` for adapter `adapter_name`. With
+    `state_dict` (keyed as `model.state_dict()`), the tensors come from it instead of the parameters."""
     from safetensors.torch import save as safetensors_bytes
 
-    config = lora_state(model).configs.get(adapter_name)
-    tensors = {
-        key: tensor.to("cpu", copy=True).contiguous() for key, tensor in lora_state_dict(model, adapter_name).items()
-    }
+    params = _adapter_parameters(model, adapter_name)
+    if state_dict is not None:
+        names = {id(param): name for name, param in model.named_parameters(remove_duplicate=False)}
+        params = {key: state_dict.get(names.get(id(param), ""), param) for key, param in params.items()}
+    tensors = {PEFT_PREFIX + key: value.detach().to("cpu", copy=True).contiguous() for key, value in params.items()}
+    config = lora_state(model).configs[adapter_name]
     config_text = json.dumps(peft_config_dict(config, model), indent=2) + "\n"
     return {WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"}), CONFIG_NAME: config_text.encode()}
 
@@ -157,8 +171,46 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     """Write adapter `adapter_name` to `directory` as peft does: `adapter_config.json` and
     `adapter_model.safetensors`. Each file is replaced atomically; returns the directory's path."""
     directory = Path(directory)
-    replace_files(directory, adapter_files(model, adapter_name))
+    _write(directory, adapter_files(model, adapter_name))
     return directory
+
+
+def save_pretrained(
+    model: nn.Module, directory: str | os.PathLike, adapter_names: Sequence[str] | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> Path:  # fmt: skip
+    """Write the model's adapters (or those named) in the layout of peft's `PeftModel.save_pretrained`: adapter
+    `"default"` in `directory`, every other one in `directory/<name>/`; an X-LoRA model as
+    `save_xlora(layout="peft")`. What a converted transformers model's `save_pretrained` calls. Returns
+    `directory`."""
+    from .xlora import is_xlora_model
+
+    directory = Path(directory)
+    if is_xlora_model(model):
+        from .xlora_format import save_xlora
+
+        return save_xlora(model, directory, layout="peft")
+    state = lora_state(model)
+    if adapter_names is None:
+        names = list(state.configs)
+    else:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    for name in names:
+        if name not in state.configs:
+            raise AdapterError(f"unknown adapter {name!r}; this model has {sorted(state.configs)}")
+        if "/" in name or "\\" in name:
+            raise AdapterError(f"adapter {name!r} cannot be saved in a directory of its name")
+    files = {name: adapter_files(model, name, state_dict) for name in names}  # everything checked before writing
+    for name, contents in files.items():
+        _write(directory if name == "default" else directory / name, contents)
+    return directory
+
+
+def _write(directory: Path, files: dict[str, bytes]) -> None:
+    try:
+        replace_files(directory, files)
+    except OSError as error:
+        raise LoraError(f"cannot write the adapter to {directory}: {error.strerror or error}") from None
 
 
 # ----- load ---------------------------------------------------------------------------------------------
@@ -217,6 +269,7 @@ def load_adapter(
         lora_state(model).trainable[adapter_name] = False
         for param in model.parameters():
             param.requires_grad_(False)
+        watch_frozen_load(model)
     return model
 
 
@@ -267,6 +320,20 @@ def hot_swap_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: st
             else:
                 param.zero_()
                 param.narrow(placement.axis, 0, placement.shape[placement.axis]).copy_(value)
+    return model
+
+
+def load_pretrained_weights(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Put the weights of every adapter of `model` back from a directory `save_pretrained` wrote (a `Trainer`
+    checkpoint, say), in place: the same parameter objects, so an optimizer holding them keeps working.
+    Adapter `"default"` comes from `directory`, any other from `directory/<name>/`; each must match its slot
+    as `hot_swap_adapter` requires. Returns `model`."""
+    directory = Path(directory)
+    for name in lora_state(model).configs:
+        source = directory if name == "default" else directory / name
+        if not (source / CONFIG_NAME).is_file():
+            raise LoraError(f"{directory} holds no adapter {name!r} (looked for {source / CONFIG_NAME})")
+        hot_swap_adapter(model, source, name)
     return model
 
 

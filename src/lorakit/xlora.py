@@ -218,6 +218,10 @@ def remove_xlora(model: nn.Module) -> nn.Module:
     return model
 
 
+def is_xlora_model(model: nn.Module) -> bool:
+    return isinstance(getattr(model, _STATE_ATTR, None), _XLoraState)
+
+
 def xlora_state(model: nn.Module) -> _XLoraState:
     state = getattr(model, _STATE_ATTR, None)
     if not isinstance(state, _XLoraState):

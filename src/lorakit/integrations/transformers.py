@@ -1,40 +1,56 @@
-"""HuggingFace transformers' `Trainer`: save the LoRA adapter (not the whole model) as training goes.
+"""HuggingFace transformers' `Trainer` with a lorakit model: checkpoints hold the adapter, and resume.
 
-    from lorakit.integrations.transformers import SaveAdapterCallback
-    trainer = Trainer(model=lora_model, args=args, train_dataset=data, callbacks=[SaveAdapterCallback()])
+`Trainer` trains and checkpoints a converted transformers model as it is: the model's `save_pretrained`
+writes its adapters in peft's format, so `trainer.save_model()` and every `checkpoint-*` directory hold the
+adapters (about their size), not the base weights. What plain `Trainer` cannot do is load such a checkpoint
+back: it reloads adapter-only checkpoints for peft's `PeftModel` alone. `LoraTrainer` adds that:
 
-`Trainer` trains a lorakit model as it is (only the adapter parameters require gradients). The callback
-writes the adapter in peft's format into each checkpoint directory (`<output_dir>/checkpoint-<step>`) and,
-at the end of training, into `output_dir` (or the directory given).
+    from lorakit.integrations.transformers import LoraTrainer
+    trainer = LoraTrainer(model=lora_model, args=args, train_dataset=data)
+    trainer.train(resume_from_checkpoint=True)       # adapter, optimizer, scheduler and RNG restored
+
+For another `Trainer` subclass (trl's `SFTTrainer`, say) mix it in: `class MyTrainer(LoraTrainerMixin, SFTTrainer)`.
 """
 
 from __future__ import annotations
 
-import os
+from typing import Any
 
 from torch import nn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer
 
-from ..peft_format import save_adapter
+from ..errors import LoraError
+from ..model import is_lora_model, lora_state, trainable_parameters
+from ..peft_format import load_pretrained_weights
 
 
-class SaveAdapterCallback(TrainerCallback):
-    """Save adapter `adapter_name` with every checkpoint and when training ends."""
+class LoraTrainerMixin:
+    """Teaches a `Trainer` (sub)class to restore a lorakit model's adapters from its own checkpoints, for
+    `train(resume_from_checkpoint=...)` and `load_best_model_at_end`, and to say what is wrong when a model
+    with nothing to train is handed to it."""
 
-    def __init__(self, output_dir: str | os.PathLike | None = None, adapter_name: str = "default") -> None:
-        self.output_dir = output_dir
-        self.adapter_name = adapter_name
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        model = self.model
+        if is_lora_model(model) and trainable_parameters(model)[0] == 0:
+            frozen = [name for name, trains in lora_state(model).trainable.items() if not trains]
+            raise LoraError(
+                f"nothing in the model requires grad, so there is nothing to train; adapters {frozen} are frozen. "
+                "An adapter loaded with lorakit.load_adapter(model, path) is frozen by default: load it with "
+                "trainable=True to train it."
+            )
+        return super().train(*args, **kwargs)
 
-    def on_save(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
-        **kwargs: object,
-    ) -> None:  # fmt: skip
-        if model is not None and state.is_world_process_zero:
-            save_adapter(model, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), self.adapter_name)
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        model = self.model if model is None else model
+        if not is_lora_model(model):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_pretrained_weights(model, resume_from_checkpoint)
 
-    def on_train_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
-        **kwargs: object,
-    ) -> None:  # fmt: skip
-        if model is not None and state.is_world_process_zero:
-            save_adapter(model, self.output_dir or args.output_dir, self.adapter_name)
+    def _load_best_model(self) -> None:
+        if not is_lora_model(self.model):
+            return super()._load_best_model()
+        load_pretrained_weights(self.model, self.state.best_model_checkpoint)
+
+
+class LoraTrainer(LoraTrainerMixin, Trainer):
+    """transformers' `Trainer`, able to resume a lorakit model from its adapter-only checkpoints."""
