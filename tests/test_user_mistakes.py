@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import lorakit
-from lorakit import LoraConfig, LoraConfigError, TargetError
+from lorakit import AdapterError, LoraConfig, LoraConfigError, LoraError, TargetError
 
 
 def tiny_bert() -> BertForSequenceClassification:
@@ -90,3 +91,163 @@ def test_a_file_config_written_for_a_sibling_model_still_loads(tmp_path):
         "bert.encoder.layer.0.attention.self.query",
         "bert.encoder.layer.1.attention.self.query",
     ]
+
+
+# ----- adapter state ------------------------------------------------------------------------------------------
+
+
+def two_adapter_llama() -> LlamaForCausalLM:
+    model = lorakit.get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    lorakit.add_adapter(model, "other", LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    return model
+
+
+def test_deleting_the_only_active_adapter_is_refused_and_names_the_fix():
+    model = two_adapter_llama()
+    with pytest.raises(AdapterError, match=r"only active adapter.*set_active_adapters\(model, 'other'\)"):
+        lorakit.delete_adapter(model, "default")
+    assert lorakit.adapter_names(model) == ["default", "other"] and lorakit.active_adapters(model) == ["default"]
+
+
+def test_deleting_the_last_adapter_is_refused_and_points_to_unload():
+    model = lorakit.get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(AdapterError, match=r"last adapter; lorakit.unload\(model\)"):
+        lorakit.delete_adapter(model, "default")
+    assert lorakit.adapter_names(model) == ["default"]
+
+
+def test_deleting_one_of_several_active_adapters_keeps_the_others():
+    model = two_adapter_llama()
+    lorakit.set_active_adapters(model, ["default", "other"])
+    lorakit.delete_adapter(model, "default")
+    assert lorakit.active_adapters(model) == ["other"]
+    ids = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        with_other = model(input_ids=ids).logits
+        with lorakit.disable_adapters(model):
+            assert not torch.allclose(model(input_ids=ids).logits, with_other)  # "other" still runs
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+def test_a_training_forward_while_merged_is_refused(train_head):
+    model = lorakit.get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    if train_head:
+        model.lm_head.weight.requires_grad_(True)  # before, only the head trained and nothing said so
+    lorakit.merge(model)
+    model.train()
+    with pytest.raises(LoraError, match=r"merged into this Linear's weights.*lorakit.unmerge\(model\)"):
+        model(input_ids=torch.randint(0, 64, (1, 5)))
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 64, (1, 5)))  # inference while merged is what merging is for
+    lorakit.unmerge(model)
+    model(input_ids=torch.randint(0, 64, (1, 5))).logits.sum().backward()
+
+
+def test_a_frozen_merged_adapter_under_a_trained_head_is_allowed():
+    model = lorakit.get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    lorakit.add_adapter(model, "frozen", LoraConfig(r=2, target_modules=["v_proj"]), trainable=False)
+    lorakit.set_active_adapters(model, "frozen")
+    lorakit.merge(model)
+    model.lm_head.weight.requires_grad_(True)
+    model.train()
+    model(input_ids=torch.randint(0, 64, (1, 5))).logits.sum().backward()
+    assert model.lm_head.weight.grad is not None
+
+
+def test_training_a_model_loaded_frozen_names_trainable_true(tmp_path):
+    source = lorakit.get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    lorakit.save_adapter(source, tmp_path)
+    model = lorakit.load_adapter(tiny_llama(), tmp_path)  # trainable=False, the default
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)  # holds only frozen parameters
+    with pytest.raises(LoraError, match=r"load_adapter\(\.\.\., trainable=False\), the default.*trainable=True"):
+        model(input_ids=torch.randint(0, 64, (1, 5)))
+    model.eval()
+    model(input_ids=torch.randint(0, 64, (1, 5)))  # inference is what a frozen load is for
+    trained = lorakit.load_adapter(tiny_llama(), tmp_path, trainable=True).train()
+    trained(input_ids=torch.randint(0, 64, (1, 5))).logits.sum().backward()
+    optimizer.step()
+
+
+def test_the_frozen_load_check_steps_aside_once_something_trains(tmp_path):
+    source = lorakit.get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    lorakit.save_adapter(source, tmp_path)
+    model = lorakit.load_adapter(tiny_llama(), tmp_path).train()
+    model.lm_head.weight.requires_grad_(True)  # a head trained on a frozen adapter
+    model(input_ids=torch.randint(0, 64, (1, 5))).logits.sum().backward()
+    model.lm_head.weight.requires_grad_(False)  # the user's own choice from here on
+    model(input_ids=torch.randint(0, 64, (1, 5)))
+
+
+# ----- files, dtypes, quantized layers ---------------------------------------------------------------------------
+
+
+def test_saving_to_a_path_that_is_a_file_is_a_lora_error(tmp_path):
+    model = lorakit.get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    blocker = tmp_path / "adapter"
+    blocker.write_text("not a directory")
+    with pytest.raises(LoraError, match="cannot write the adapter"):
+        lorakit.save_adapter(model, blocker)
+    with pytest.raises(LoraError, match="cannot write the adapter"):
+        lorakit.save_adapter(model, blocker / "inside")
+    assert blocker.read_text() == "not a directory"
+
+
+def test_casting_the_model_casts_the_adapters_and_converting_after_keeps_float32_masters():
+    model = lorakit.get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    model.to(torch.bfloat16)  # torch casts every parameter; lorakit follows, as the README says
+    assert {p.dtype for p in lorakit.lora_state_dict(model).values()} == {torch.bfloat16}
+    ids = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        lorakit.merge(model)
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0.05, atol=0.05)
+        lorakit.unmerge(model)
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+    cast_first = lorakit.get_lora_model(tiny_llama().to(torch.bfloat16), LoraConfig(r=4, target_modules=["q_proj"]))
+    assert {p.dtype for p in lorakit.lora_state_dict(cast_first).values()} == {torch.float32}
+
+
+def _bitsandbytes_4bit() -> nn.Module:
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32)
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4")
+    return layer.to("cpu")  # quantizes: the weight is now packed, (2048, 1) uint8
+
+
+def _bitsandbytes_8bit() -> nn.Module:
+    bnb = pytest.importorskip("bitsandbytes")
+    return bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False).to("cpu")
+
+
+def _torchao_int8() -> nn.Module:
+    quantization = pytest.importorskip("torchao.quantization")
+    holder = nn.Sequential(nn.Linear(64, 64))
+    quantization.quantize_(holder, quantization.Int8WeightOnlyConfig())
+    return holder[0]
+
+
+def _torch_dynamic_int8() -> nn.Module:
+    return torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(64, 64)), {nn.Linear}, dtype=torch.qint8)[0]
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (_bitsandbytes_4bit, "bitsandbytes"),
+        (_bitsandbytes_8bit, "bitsandbytes"),
+        (_torchao_int8, "torchao"),
+        (_torch_dynamic_int8, "torch quantization"),
+    ],
+)
+@pytest.mark.parametrize("targets", [["proj"], "all-linear"])
+def test_quantized_layers_are_refused_at_conversion_naming_the_type(make, kind, targets):
+    model = nn.ModuleDict({"proj": make(), "head": nn.Linear(64, 4)})
+    if targets == "all-linear" and not isinstance(model["proj"], nn.Linear):
+        targets = ["proj", "head"]  # torch's quantized Linear is no nn.Linear: all-linear would skip it
+    with pytest.raises(TargetError) as raised:
+        lorakit.get_lora_model(model, LoraConfig(r=4, target_modules=targets))
+    message = str(raised.value)
+    assert f"module 'proj' is a quantized layer ({type(model['proj']).__module__}" in message and kind in message
+    assert not lorakit.is_lora_model(model) and not list(lorakit.lora_layers(model))

@@ -7,7 +7,16 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import LoraError
+
 _TEMP_PREFIX = ".lorakit-tmp-"
+
+
+def as_path(value: object, what: str = "path") -> Path:
+    """`value` (a `str` or `os.PathLike`) as a `Path`; anything else is a `LoraError` naming `what`."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise LoraError(f"{what} must be a str or os.PathLike, got {type(value).__name__} {value!r}")
+    return Path(value)
 
 
 def write_temp(directory: Path, final_name: str, data: bytes) -> Path:

@@ -18,7 +18,7 @@ import math
 import re
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -246,6 +246,8 @@ class LoraConfig(_LoraFields):
     def from_dict(cls, values: Mapping[str, Any], strict: bool = False) -> LoraConfig:
         """A config from a dict as peft writes `adapter_config.json`. Unlike the constructor, fields that no
         peft version lorakit knows has written only warn (`strict=False`): they come from a newer peft."""
+        if not isinstance(values, Mapping):
+            raise LoraConfigError(f"LoraConfig.from_dict needs a mapping of field names to values, got {values!r}")
         config = cls.__new__(cls)
         _LoraFields.__init__(config, **_modeled_fields(dict(values), strict=strict))
         return config
@@ -272,14 +274,17 @@ def _modeled_fields(values: dict[str, Any], strict: bool) -> dict[str, Any]:
         if changes_math and not (value == off or _is_off(value)):
             raise LoraConfigError(f"{key}={value!r} is a peft feature lorakit does not support yet")
     if unknown and strict:
-        hints = [f"{key!r}{_closest_field(key)}" for key in unknown]
-        raise LoraConfigError(f"LoraConfig has no field {', '.join(hints)}")
+        raise unknown_fields_error("LoraConfig", unknown, _FIELD_NAMES | PEFT_FIELDS_NOT_MODELED.keys())
     meaningful = sorted(key for key in unknown if not _is_off(extra[key]))
     if meaningful:
         warnings.warn(f"LoraConfig ignores unknown fields: {', '.join(meaningful)}", stacklevel=3)
     return values
 
 
-def _closest_field(name: str) -> str:
-    close = difflib.get_close_matches(name, sorted(_FIELD_NAMES | PEFT_FIELDS_NOT_MODELED.keys()), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def unknown_fields_error(class_name: str, unknown: list[str], known: Iterable[str]) -> LoraConfigError:
+    """The error for fields `unknown` given to `class_name`, naming the closest of the `known` ones."""
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return LoraConfigError(f"{class_name} has no field {', '.join(hints)}")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._files import as_path
 from .config import LoraConfig
 from .errors import AdapterError, LoraError, MergeError
 from .layers import LoraLayer, lora_layer_type_for
@@ -41,9 +42,16 @@ class LoraState:
     frozen_load_check: Any = None  # the hook of `watch_frozen_load`, while it watches
 
 
+def check_module(model: object) -> nn.Module:
+    """`model` itself; a `LoraError` if it is not an `nn.Module`."""
+    if not isinstance(model, nn.Module):
+        raise LoraError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
 def lora_state(model: nn.Module) -> LoraState:
     """The model's `LoraState`; `LoraError` if `model` is not a LoRA model."""
-    state = getattr(model, _STATE_ATTR, None)
+    state = getattr(check_module(model), _STATE_ATTR, None)
     if not isinstance(state, LoraState):
         raise LoraError(f"{type(model).__name__} is not a LoRA model; convert it with lorakit.get_lora_model")
     return state
@@ -55,7 +63,7 @@ def is_lora_model(model: nn.Module) -> bool:
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """Every `(name, LoraLayer)` of the model, each layer once."""
-    for name, module in model.named_modules():
+    for name, module in check_module(model).named_modules():
         if isinstance(module, LoraLayer):
             yield name, module
 
@@ -75,7 +83,7 @@ def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     Every parameter of the model is frozen except the adapter's, the copies in `config.modules_to_save`
     and, per `config.bias`, biases. The model's class is unchanged.
     """
-    if is_lora_model(model):
+    if is_lora_model(check_module(model)):
         raise LoraError(f"{type(model).__name__} is already a LoRA model; use lorakit.add_adapter for another")
     state = LoraState()
     _add_adapter(model, state, adapter_name, config)
@@ -113,7 +121,7 @@ class AdapterSavePretrained:
 
         if push_to_hub:
             raise LoraError("save_pretrained(push_to_hub=True) is not supported on a lorakit model: save, then upload")
-        directory = Path(save_directory)
+        directory = as_path(save_directory, "save_directory")
         if is_main_process:
             save_pretrained(self.model, directory, selected_adapters, state_dict)
         return directory
@@ -225,10 +233,17 @@ def _replace(parents: dict[int, list[tuple[nn.Module, str]]], old: nn.Module, ne
 
 
 def _known(state: LoraState, names: str | Sequence[str]) -> list[str]:
-    names = [names] if isinstance(names, str) else list(names)
+    """`names` (one name or a sequence of names) as a list, each an adapter of the model, none twice."""
+    if isinstance(names, str):
+        names = [names]
+    elif not (isinstance(names, Sequence) and all(isinstance(name, str) for name in names)):
+        raise AdapterError(f"adapter names must be a string or a list of strings, got {names!r}")
+    names = list(names)
     for name in names:
         if name not in state.configs:
             raise AdapterError(f"unknown adapter {name!r}; this model has {sorted(state.configs)}")
+    if len(set(names)) != len(names):
+        raise AdapterError(f"adapter names {names} repeat a name")
     return names
 
 
@@ -239,6 +254,8 @@ def set_active_adapters(model: nn.Module, adapter_names: str | Sequence[str]) ->
     """
     state = lora_state(model)
     names = _known(state, adapter_names)
+    if not names:
+        raise AdapterError("set_active_adapters needs an adapter; lorakit.disable_adapters runs the base model")
     if any(layer.merged_adapters for _, layer in lora_layers(model)):
         raise MergeError("the model has merged adapters; unmerge it before changing the active adapters")
     state.active = names
@@ -364,7 +381,7 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """`(trainable, total)` parameter counts (each shared parameter counted once)."""
-    params = list(model.parameters())
+    params = list(check_module(model).parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._files import replace_files
+from ._files import as_path, replace_files
 from .config import PEFT_FIELDS_NOT_MODELED, LoraConfig
 from .errors import AdapterError, LoraError
 from .layers import LoraEmbedding, LoraLayer
@@ -36,6 +36,7 @@ from .layers.modules_to_save import ModulesToSave
 from .model import (
     add_adapter,
     bias_parameters,
+    check_module,
     delete_adapter,
     get_lora_model,
     is_lora_model,
@@ -128,7 +129,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     """Parse and validate `adapter_config.json` in `directory`; any problem is a `LoraError`."""
-    path = Path(directory) / CONFIG_NAME
+    path = as_path(directory, "directory") / CONFIG_NAME
     data = read_json_object(path)
     peft_type = data.get("peft_type")
     if peft_type != "LORA":
@@ -170,7 +171,7 @@ def adapter_files(
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
     """Write adapter `adapter_name` to `directory` as peft does: `adapter_config.json` and
     `adapter_model.safetensors`. Each file is replaced atomically; returns the directory's path."""
-    directory = Path(directory)
+    directory = as_path(directory, "directory")
     _write(directory, adapter_files(model, adapter_name))
     return directory
 
@@ -185,7 +186,7 @@ def save_pretrained(
     `directory`."""
     from .xlora import is_xlora_model
 
-    directory = Path(directory)
+    directory = as_path(directory, "directory")
     if is_xlora_model(model):
         from .xlora_format import save_xlora
 
@@ -234,7 +235,7 @@ def load_adapter(
     corrupt file, or an invalid config.
     """
     directory = resolve_adapter_dir(path)
-    config = resolve_config(model, read_adapter_config(directory), strict=False)
+    config = resolve_config(check_module(model), read_adapter_config(directory), strict=False)
     was_lora = is_lora_model(model)
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     children = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()]
@@ -328,7 +329,7 @@ def load_pretrained_weights(model: nn.Module, directory: str | os.PathLike) -> n
     checkpoint, say), in place: the same parameter objects, so an optimizer holding them keeps working.
     Adapter `"default"` comes from `directory`, any other from `directory/<name>/`; each must match its slot
     as `hot_swap_adapter` requires. Returns `model`."""
-    directory = Path(directory)
+    directory = as_path(directory, "directory")
     for name in lora_state(model).configs:
         source = directory if name == "default" else directory / name
         if not (source / CONFIG_NAME).is_file():
@@ -384,7 +385,7 @@ def _check_ranks(model: nn.Module, config: LoraConfig, weights: Weights, directo
 
 def resolve_adapter_dir(path: str | os.PathLike) -> Path:
     """The directory holding `adapter_config.json` for a local path or a hub id in the local cache."""
-    candidate = Path(path)
+    candidate = as_path(path, "path")
     if not candidate.exists() and isinstance(path, str) and path.count("/") == 1 and not path.startswith("."):
         candidate = _hub_cache() / f"models--{path.replace('/', '--')}"
     if (candidate / CONFIG_NAME).is_file():

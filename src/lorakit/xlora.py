@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import unknown_fields_error
 from .errors import AdapterError, LoraConfigError, LoraError
 from .layers import LoraLayer
-from .model import delete_adapter, is_lora_model, lora_layers, lora_state, set_active_adapters, unload
+from .model import check_module, delete_adapter, is_lora_model, lora_layers, lora_state, set_active_adapters, unload
 
 _STATE_ATTR = "_lorakit_xlora"
 _CACHE_KEYS = ("cache", "past_key_values")  # transformers 5 renames past_key_values to cache
@@ -45,12 +46,8 @@ CLASSIFIER_ATTR = "xlora_classifier"
 
 
 @dataclass
-class XLoraConfig:
-    """X-LoRA's settings, with peft's `XLoraConfig` field names and defaults.
-
-    `hidden_size` defaults to the model's `config.hidden_size`; `adapters` maps expert names to adapter
-    directories (or to None for an adapter the model already has).
-    """
+class _XLoraFields:
+    """The fields of `XLoraConfig` and their validation (see `XLoraConfig`)."""
 
     hidden_size: int | None = None
     adapters: dict[str, str | None] = field(default_factory=dict)
@@ -80,7 +77,8 @@ class XLoraConfig:
         if not isinstance(self.adapters, Mapping):
             raise LoraConfigError(f"XLoraConfig.adapters must map expert names to paths, got {self.adapters!r}")
         self.adapters = dict(self.adapters)
-        if not (0.0 <= float(self.xlora_dropout_p) < 1.0):
+        dropout = self.xlora_dropout_p
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (0.0 <= dropout < 1.0):
             raise LoraConfigError(f"XLoraConfig.xlora_dropout_p must be in [0, 1), got {self.xlora_dropout_p!r}")
         for name in ("softmax_temperature", "global_scaling_weight"):
             value = getattr(self, name)
@@ -94,6 +92,25 @@ class XLoraConfig:
         if self.enable_softmax_topk and self.top_k_lora is None:
             raise LoraConfigError("XLoraConfig.enable_softmax_topk needs top_k_lora")
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class XLoraConfig(_XLoraFields):
+    """X-LoRA's settings, with peft's `XLoraConfig` field names and defaults (keyword arguments only; an
+    unknown one is a `LoraConfigError` naming the closest field).
+
+    `hidden_size` defaults to the model's `config.hidden_size`; `adapters` maps expert names to adapter
+    directories (or to None for an adapter the model already has).
+    """
+
+    def __init__(self, **values: Any) -> None:
+        known = {f.name for f in fields(_XLoraFields)}
+        unknown = [key for key in values if key not in known]
+        if unknown:
+            raise unknown_fields_error("XLoraConfig", unknown, known)
+        super().__init__(**values)
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> XLoraConfig:
         """Read peft's or the original X-LoRA's config dict; fields of neither (peft_type, task_type…) are
@@ -101,8 +118,8 @@ class XLoraConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known})
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+XLoraConfig.__signature__ = inspect.signature(_XLoraFields)  # help() and IDEs show the fields
 
 
 class XLoraClassifier(nn.Module):
@@ -162,8 +179,12 @@ def get_xlora_model(
     """
     from .peft_format import load_adapter
 
-    if hasattr(model, _STATE_ATTR):
+    if hasattr(check_module(model), _STATE_ATTR):
         raise LoraError("the model is already an X-LoRA model")
+    if not isinstance(config, XLoraConfig):
+        raise LoraConfigError(f"config must be a lorakit.XLoraConfig, got {type(config).__name__}")
+    if adapters is not None and not isinstance(adapters, Mapping):
+        raise LoraConfigError(f"adapters must map expert names to adapter directories, got {adapters!r}")
     sources = dict(config.adapters if adapters is None else adapters)
     if not sources:
         raise LoraConfigError("X-LoRA needs at least one expert adapter")

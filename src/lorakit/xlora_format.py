@@ -35,7 +35,7 @@ from pathlib import Path, PureWindowsPath
 import torch
 from torch import nn
 
-from ._files import replace_files
+from ._files import as_path, replace_files
 from .errors import LoraConfigError, LoraError
 from .model import is_lora_model, unload
 from .peft_format import (
@@ -141,7 +141,7 @@ def save_xlora(model: nn.Module, directory: str | os.PathLike, layout: str = "xl
     if layout not in ("xlora", "peft"):
         raise LoraError(f"layout must be 'xlora' or 'peft', got {layout!r}")
     state = xlora_state(model)
-    directory = Path(directory)
+    directory = as_path(directory, "directory")
     experts = [_check_expert_name(name) for name in state.experts]
     if layout == "peft":
         task_type = _peft_task_type(model)
@@ -189,7 +189,7 @@ def load_xlora(
     """
     if is_lora_model(model):
         raise LoraError("load_xlora loads onto a plain model; this one already has LoRA layers")
-    directory = Path(directory)
+    directory = as_path(directory, "directory")
     if (directory / XLORA_CONFIG_NAME).is_file():
         layout, config_path, weights_path = "xlora", directory / XLORA_CONFIG_NAME, directory / CLASSIFIER_NAME
     elif (directory / CONFIG_NAME).is_file():
@@ -327,7 +327,7 @@ def export_xlora_mistralrs(model: nn.Module, directory: str | os.PathLike, base_
     for name in experts:
         for file_name, data in adapter_files(model, name).items():
             files[f"{name}-{file_name}"] = data
-    directory = Path(directory)
+    directory = as_path(directory, "directory")
     replace_files(directory, files)
     return directory / MISTRALRS_ORDERING_NAME
 

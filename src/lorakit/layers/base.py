@@ -197,6 +197,12 @@ class LoraLayer(nn.Module):
 
     def check_mergeable(self, name: str) -> None:
         """Raise `MergeError` if adapter `name` cannot be merged into this base layer."""
+        for param_name, param in self.base_layer.named_parameters(recurse=False):
+            if not param.is_floating_point():
+                raise MergeError(
+                    f"cannot merge adapter {name!r} into {type(self.base_layer).__name__}.{param_name}, a "
+                    f"{param.dtype} tensor: merging needs floating-point base weights"
+                )
         if self.lora_bias.get(name) and getattr(self.base_layer, "bias", None) is None:
             raise MergeError(
                 f"adapter {name!r} has lora_bias=True but the base {type(self.base_layer).__name__} has no bias "
@@ -264,12 +270,26 @@ class LoraLayer(nn.Module):
     # ----- forward ------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.merged_adapters and self.training and torch.is_grad_enabled():
+            self._refuse_training_merged()
         result = self.base_layer(x, *args, **kwargs)
         if self._stack is not None and not self.disabled:
             return self._add_stacked(result, x, self._stack)
         for name in self._forward_adapters:
             result = self.add_adapter_output(result, x, name)
         return result
+
+    def _refuse_training_merged(self) -> None:
+        """A trainable adapter merged into the base weights gets no gradient from a forward: refuse to train it."""
+        trainable = [
+            n for n in self.merged_adapters if any(p.requires_grad for p in self.adapter_parameters(n).values())
+        ]
+        if trainable:
+            raise LoraError(
+                f"adapters {trainable} are merged into this {type(self.base_layer).__name__}'s weights, so a training "
+                "forward would give them no gradient (and train only what is not merged). Call lorakit.unmerge(model) "
+                "before training; for inference use model.eval() or torch.no_grad()."
+            )
 
     # ----- many adapters in one forward ----------------------------------------------------------------
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import MergeError
+
 _ESCAPE = -128  # int8 code meaning "look the value up in the escapes"
 _BITS_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -67,7 +69,7 @@ def merge_exactly(weight: torch.Tensor, delta: torch.Tensor) -> MergeResidual:
         delta: same shape as `weight`, any floating dtype.
     """
     if not weight.is_floating_point():
-        raise TypeError(f"cannot merge into a {weight.dtype} tensor")
+        raise MergeError(f"cannot merge into a {weight.dtype} tensor: merging needs a floating-point weight")
     merged = merged_value(weight, delta)
     approx = _unmerged_value(merged, delta)
     bits = _BITS_VIEW[weight.element_size()]

@@ -73,7 +73,7 @@ class LoraLinear(LoraLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapters = self._forward_adapters
         if (
-            len(adapters) == 1 and self._stack is None and not args and not kwargs
+            len(adapters) == 1 and self._stack is None and not self.merged_adapters and not args and not kwargs
             and not torch.is_autocast_enabled(x.device.type) and self._is_plain_linear()
         ):  # fmt: skip
             return self._plain_single_forward(x, adapters[0])
