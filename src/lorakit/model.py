@@ -11,6 +11,7 @@ weights under the LoRA layers' keys, which `from_pretrained` could not read back
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -325,6 +326,11 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """
     state = lora_state(model)
     _known(state, adapter_name)
+    for name, layer in lora_layers(model):
+        if adapter_name in layer.merged_adapters:
+            raise AdapterError(f"adapter {adapter_name!r} is merged (in {name!r}); unmerge before deleting it")
+        if layer._stack is not None:
+            raise AdapterError(f"{name!r} runs a mixed batch or X-LoRA; end it (remove_xlora) before deleting adapters")
     if list(state.configs) == [adapter_name]:
         raise AdapterError(
             f"adapter {adapter_name!r} is the model's last adapter; lorakit.unload(model) removes the LoRA layers "
@@ -336,11 +342,6 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             f"adapter {adapter_name!r} is the only active adapter; activate another first, e.g. "
             f"lorakit.set_active_adapters(model, {others[0]!r}), then delete it"
         )
-    for name, layer in lora_layers(model):
-        if adapter_name in layer.merged_adapters:
-            raise AdapterError(f"adapter {adapter_name!r} is merged (in {name!r}); unmerge before deleting it")
-        if layer._stack is not None:
-            raise AdapterError(f"{name!r} runs a mixed batch or X-LoRA; end it (remove_xlora) before deleting adapters")
     for module in _adapter_modules(model):
         module.delete_adapter(adapter_name)
     del state.configs[adapter_name]
@@ -350,22 +351,23 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 def watch_frozen_load(model: nn.Module) -> None:
     """After loading an adapter frozen (`load_adapter(..., trainable=False)`, the default) onto a plain model:
-    until something in the model requires grad, a training-mode forward with autograd on is a `LoraError` that
-    names `trainable=True`, instead of torch's "element 0 of tensors does not require grad" at backward."""
+    the first training-mode forward with autograd on while nothing in the model requires grad warns, naming
+    `trainable=True` (torch only says "element 0 of tensors does not require grad" at backward). A warning,
+    not an error: a module in its default training mode run without `torch.no_grad()` may just be inference."""
     state = lora_state(model)
 
     def check(module: nn.Module, args: tuple) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
-        if any(param.requires_grad for param in module.parameters()):
-            state.frozen_load_check.remove()  # the user has set up training
-            state.frozen_load_check = None
-            return
-        raise LoraError(
-            "the model is in training mode with autograd on, but none of its parameters requires grad: its adapter "
-            "was loaded with lorakit.load_adapter(..., trainable=False), the default. Load it with trainable=True "
-            "to train it, or call model.eval() for inference."
-        )
+        state.frozen_load_check.remove()  # once: it has said what it had to, or training is set up
+        state.frozen_load_check = None
+        if not any(param.requires_grad for param in module.parameters()):
+            warnings.warn(
+                "the model runs in training mode with autograd on, but none of its parameters requires grad: its "
+                "adapter was loaded with lorakit.load_adapter(..., trainable=False), the default. To train it, load "
+                "it with trainable=True; for inference, call model.eval() or use torch.no_grad().",
+                stacklevel=3,
+            )
 
     state.frozen_load_check = model.register_forward_pre_hook(check)
 

@@ -208,9 +208,11 @@ def save_pretrained(
 
 
 def _write(directory: Path, files: dict[str, bytes]) -> None:
+    """`replace_files`, with a path that cannot be a directory (it, or a parent, is a file) a `LoraError`; other
+    I/O failures (a full disk) stay `OSError`s."""
     try:
         replace_files(directory, files)
-    except OSError as error:
+    except (FileExistsError, NotADirectoryError) as error:
         raise LoraError(f"cannot write the adapter to {directory}: {error.strerror or error}") from None
 
 

@@ -151,8 +151,7 @@ def expand_all_linear(model: nn.Module, config: LoraConfig) -> LoraConfig:
 
 
 def resolve_config(model: nn.Module, config: LoraConfig, strict: bool = True) -> LoraConfig:
-    """`config` with `target_modules` made explicit: the family default for None (the entries of it this
-    model has), the list for all-linear.
+    """`config` with `target_modules` made explicit: the family default for None, the list for all-linear.
 
     A `target_modules` list entry that matches no module, or a `layers_to_transform` index the model does not
     have, selects nothing. With `strict` (a config the user wrote) that is a `TargetError` naming them;
@@ -168,8 +167,8 @@ def resolve_config(model: nn.Module, config: LoraConfig, strict: bool = True) ->
                 f"target_modules=None needs a known model family, and {type(model).__name__} "
                 f"(model_type={model_type!r}) is not one of: {known}. Pass target_modules explicitly."
             )
-        config = config.replace(target_modules=list(DEFAULT_TARGET_MODULES[model_type]))
-        strict = False  # the table names both transformers 4's and 5's modules
+        # as listed: the table names both transformers 4's and 5's modules, some of which this model lacks
+        return config.replace(target_modules=list(DEFAULT_TARGET_MODULES[model_type]))
     if isinstance(config.target_modules, list):
         config = _drop_unmatched_entries(model, config, names, strict)
         config = _drop_missing_layers(config, names, strict)
