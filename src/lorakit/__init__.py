@@ -6,6 +6,10 @@ layers; adapters merge bit-exactly reversibly and use HuggingFace peft's names a
 
 from .config import LoraConfig
 from .errors import AdapterError, LoraConfigError, LoraError, MergeError, TargetError
+from .formats.mistralrs import export_xlora_mistralrs
+from .formats.peft import load_adapter, lora_state_dict, read_adapter_config, save_adapter
+from .formats.xlora import load_xlora, save_xlora
+from .hot_swap import hot_swap_adapter
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, register_lora_layer
 from .layers.modules_to_save import ModulesToSave
 from .mixed import mixed_batch
@@ -25,11 +29,9 @@ from .model import (
     unload,
     unmerge,
 )
-from .peft_format import hot_swap_adapter, load_adapter, lora_state_dict, read_adapter_config, save_adapter
 from .summary import AdapterSummary, ModelSummary, summary
 from .targets import DEFAULT_TARGET_MODULES
 from .xlora import XLoraConfig, get_xlora_model, latest_scalings, remove_xlora
-from .xlora_format import export_xlora_mistralrs, load_xlora, save_xlora
 
 __version__ = "0.1.0"
 

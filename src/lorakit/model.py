@@ -118,7 +118,7 @@ class AdapterSavePretrained:
         state_dict: Mapping[str, torch.Tensor] | None = None, push_to_hub: bool = False,
         selected_adapters: Sequence[str] | None = None, **ignored: Any,
     ) -> Path:  # fmt: skip
-        from .peft_format import save_pretrained
+        from .formats.peft import save_pretrained
 
         if push_to_hub:
             raise LoraError("save_pretrained(push_to_hub=True) is not supported on a lorakit model: save, then upload")

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import AdapterError
+from .formats.peft import adapter_parameters
 from .layers import LoraLayer
 from .layers.modules_to_save import ModulesToSave
 from .model import LoraState, lora_layers, lora_state, trainable_parameters
-from .peft_format import _adapter_parameters
 
 __all__ = ["AdapterSummary", "ModelSummary", "Span", "summary"]
 
@@ -194,7 +194,7 @@ def _adapter_summary(
 ) -> AdapterSummary:
     config = state.configs[name]
     own = [layer for _, layer in layers if name in layer.r]
-    params = {id(p): p for p in _adapter_parameters(model, name).values()}.values()  # each shared one once
+    params = {id(p): p for p in adapter_parameters(model, name).values()}.values()  # each shared one once
     return AdapterSummary(
         name=name,
         targets=len(own),

@@ -177,7 +177,7 @@ def get_xlora_model(
     `model.xlora_classifier` (in the model's dtype and device; it trains by default, the experts do not
     unless `use_trainable_adapters`).
     """
-    from .peft_format import load_adapter
+    from .formats.peft import load_adapter
 
     if hasattr(check_module(model), _STATE_ATTR):
         raise LoraError("the model is already an X-LoRA model")

@@ -20,8 +20,8 @@ from torch import nn
 from transformers import Trainer
 
 from ..errors import LoraError
+from ..hot_swap import load_pretrained_weights
 from ..model import is_lora_model, lora_state, trainable_parameters
-from ..peft_format import load_pretrained_weights
 
 
 class LoraTrainerMixin:

@@ -35,26 +35,19 @@ from pathlib import Path, PureWindowsPath
 import torch
 from torch import nn
 
-from ._files import as_path, replace_files
-from .errors import LoraConfigError, LoraError
-from .model import is_lora_model, unload
-from .peft_format import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    Weights,
-    adapter_files,
-    match_keys_and_shapes,
-    read_json_object,
-    save_adapter,
-)
-from .xlora import CLASSIFIER_ATTR, XLoraConfig, get_xlora_model, remove_xlora, xlora_state
+from .._files import as_path, replace_files
+from ..errors import LoraConfigError, LoraError
+from ..model import is_lora_model, unload
+from ..xlora import CLASSIFIER_ATTR, XLoraConfig, get_xlora_model, remove_xlora, xlora_state
+from .peft import WEIGHTS_NAME, save_adapter
+from .readers import CONFIG_NAME, TensorFile, match_keys_and_shapes, read_json_object
 
 XLORA_CONFIG_NAME = "xlora_config.json"
 CLASSIFIER_NAME = "xlora_classifier.safetensors"
 PEFT_CLASSIFIER_PREFIX = "base_model.internal_xlora_classifier.layers."
 
 
-def _check_expert_name(name: object) -> str:
+def check_expert_name(name: object) -> str:
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
         raise LoraError(f"expert name {name!r} cannot be a directory name")
     return name
@@ -66,7 +59,7 @@ def peft_classifier_keys(config: XLoraConfig) -> list[int]:
     return [i * step for i in range(config.xlora_depth)]
 
 
-def _classifier_tensors(model: nn.Module, layout: str) -> dict[str, torch.Tensor]:
+def classifier_tensors(model: nn.Module, layout: str) -> dict[str, torch.Tensor]:
     config = xlora_state(model).config
     classifier = getattr(model, CLASSIFIER_ATTR).state_dict()
     ours = {key: value.detach().to("cpu", copy=True).contiguous() for key, value in classifier.items()}
@@ -142,7 +135,7 @@ def save_xlora(model: nn.Module, directory: str | os.PathLike, layout: str = "xl
         raise LoraError(f"layout must be 'xlora' or 'peft', got {layout!r}")
     state = xlora_state(model)
     directory = as_path(directory, "directory")
-    experts = [_check_expert_name(name) for name in state.experts]
+    experts = [check_expert_name(name) for name in state.experts]
     if layout == "peft":
         task_type = _peft_task_type(model)
         _check_peft_can_load(model)
@@ -157,13 +150,13 @@ def save_xlora(model: nn.Module, directory: str | os.PathLike, layout: str = "xl
     if layout == "xlora":
         # the original library's fields, written out: mistral.rs's defaults differ (xlora_size 1, no ReLU)
         fields.update(enable_relu_and_dropout=True, use_bias=True, base_model_id=base)
-        files = {XLORA_CONFIG_NAME: fields, CLASSIFIER_NAME: _classifier_tensors(model, layout)}
+        files = {XLORA_CONFIG_NAME: fields, CLASSIFIER_NAME: classifier_tensors(model, layout)}
     else:
         fields.update(peft_type="XLORA", base_model_name_or_path=base, inference_mode=True, task_type=task_type)
         # peft loads the i-th expert from the i-th path as adapter str(i), then activates the config's keys: any key
         # but str(i) names no adapter (KeyError at the forward). The directories' names keep the experts' names.
         fields["adapters"] = {str(i): str(directory.resolve() / name) for i, name in enumerate(experts)}
-        files = {CONFIG_NAME: fields, WEIGHTS_NAME: _classifier_tensors(model, layout)}
+        files = {CONFIG_NAME: fields, WEIGHTS_NAME: classifier_tensors(model, layout)}
     replace_files(
         directory,
         {
@@ -210,7 +203,7 @@ def load_xlora(
     except LoraConfigError as error:
         raise LoraConfigError(f"{config_path}: {error}") from None
     config.adapters = {name: str(sources[name]) for name in experts}
-    with Weights(weights_path) as weights:
+    with TensorFile(weights_path) as weights:
         get_xlora_model(model, config)
         try:
             _load_classifier(model, weights, layout)
@@ -234,106 +227,24 @@ def _expert_names(adapters: dict[str, object], layout: str) -> list[str]:
         # PureWindowsPath splits on both "/" and "\\", wherever the file was written
         names = [PureWindowsPath(path).name if isinstance(path, str) else "" for path in adapters.values()]
         try:
-            valid = [_check_expert_name(name) for name in names]
+            valid = [check_expert_name(name) for name in names]
         except LoraError:
             valid = []
         if len(set(valid)) == len(keys):
             return valid
-    return [_check_expert_name(name) for name in keys]
+    return [check_expert_name(name) for name in keys]
 
 
-def _load_classifier(model: nn.Module, weights: Weights, layout: str) -> None:
+def _load_classifier(model: nn.Module, weights: TensorFile, layout: str) -> None:
     if layout == "peft" and not weights.shapes:
         raise LoraError(
             f"{weights.path} holds no tensors: peft 0.21's save_pretrained drops the X-LoRA classifier, so this "
             "directory cannot restore the trained X-LoRA model (save it with lorakit.save_xlora)"
         )
-    wanted = _classifier_tensors(model, layout)  # file key → tensor of the wanted shape, in our keys' order
+    wanted = classifier_tensors(model, layout)  # file key → tensor of the wanted shape, in our keys' order
     file_keys = match_keys_and_shapes(weights, {key: tuple(t.shape) for key, t in wanted.items()}, {}, weights.path)
     classifier = getattr(model, CLASSIFIER_ATTR)
     tensors = {ours: weights.tensor(file_keys[key]) for ours, key in zip(classifier.state_dict(), wanted, strict=True)}
     with torch.no_grad():
         for key, param in classifier.named_parameters():
             param.copy_(tensors[key])
-
-
-# ----- mistral.rs ---------------------------------------------------------------------------------------------
-
-MISTRALRS_ORDERING_NAME = "ordering.json"
-
-
-def export_xlora_mistralrs(model: nn.Module, directory: str | os.PathLike, base_model_id: str) -> Path:
-    """Write an X-LoRA model in the flat layout mistral.rs 0.9.5 reads; return the ordering file's path.
-
-    `directory` gets `xlora_config.json`, `xlora_classifier.safetensors` and, per expert,
-    `<name>-adapter_config.json` and `<name>-adapter_model.safetensors`; `ordering.json` lists the experts
-    and numbers the adapted layers in module order. `base_model_id` is the base model's directory exactly as
-    it will be given to mistral.rs (it must match, as a string). Serve it with
-    `mistralrs.Which.XLora(model_id=base_model_id, xlora_model_id=str(directory), order=<returned path>, …)`.
-
-    Raises `LoraError` for what mistral.rs 0.9.5 cannot serve: `enable_softmax_topk`; an expert name that is
-    part of another expert's or of a file name (it reads every file whose name contains an expert's name);
-    a depth-2 classifier whose `xlora_size` is not the hidden size; experts on layers other than Linear.
-    """
-    from safetensors.torch import save as safetensors_bytes
-
-    from .layers import LoraLinear
-
-    state = xlora_state(model)
-    config = state.config
-    classifier = getattr(model, CLASSIFIER_ATTR)
-    experts = [_check_expert_name(name) for name in state.experts]
-    own_files = (XLORA_CONFIG_NAME, CLASSIFIER_NAME, MISTRALRS_ORDERING_NAME)
-    if config.enable_softmax_topk:
-        raise LoraError("mistral.rs 0.9.5 refuses enable_softmax_topk; export a config without it")
-    for name in experts:
-        clashes = [other for other in [*experts, *own_files] if other != name and name in other]
-        if clashes:
-            raise LoraError(
-                f"expert name {name!r} is part of {clashes}: mistral.rs reads every file whose name contains an "
-                "expert's name; rename the experts"
-            )
-    if config.xlora_depth == 2 and config.xlora_size != classifier.hidden_size:
-        raise LoraError(
-            f"mistral.rs 0.9.5 needs xlora_size == hidden_size ({classifier.hidden_size}) for a depth-2 "
-            f"classifier, got {config.xlora_size}"
-        )
-    for name, layer in state.layers:
-        if not isinstance(layer, LoraLinear):
-            raise LoraError(f"mistral.rs serves X-LoRA experts on linear layers; {name!r} is a {type(layer).__name__}")
-    tensors = _classifier_tensors(model, "xlora")
-    if config.xlora_depth >= 3:  # mistral.rs numbers the hidden layers from 1 at depth 3 and more
-        tensors = {_renumber_inner(key): value for key, value in tensors.items()}
-    fields = {
-        **config.to_dict(),
-        "hidden_size": classifier.hidden_size,
-        "adapters": {name: name for name in experts},
-        "base_model_id": base_model_id,
-        "enable_relu_and_dropout": config.xlora_depth > 1,
-        "use_bias": True,
-        "xlora_dropout_p": 0.0,  # mistral.rs applies the classifier's dropout at inference too
-        "xlora_size": config.xlora_size,
-    }
-    ordering = {
-        "order": experts,
-        "layers": {name: index for index, (name, _) in enumerate(state.layers)},
-        "base_model_id": base_model_id,
-    }
-    files = {
-        XLORA_CONFIG_NAME: json.dumps(fields, indent=2).encode() + b"\n",
-        CLASSIFIER_NAME: safetensors_bytes(tensors, metadata={"format": "pt"}),
-        MISTRALRS_ORDERING_NAME: json.dumps(ordering, indent=2).encode() + b"\n",
-    }
-    for name in experts:
-        for file_name, data in adapter_files(model, name).items():
-            files[f"{name}-{file_name}"] = data
-    directory = as_path(directory, "directory")
-    replace_files(directory, files)
-    return directory / MISTRALRS_ORDERING_NAME
-
-
-def _renumber_inner(key: str) -> str:
-    if not key.startswith("inner."):
-        return key
-    _, index, rest = key.split(".", 2)
-    return f"inner.{int(index) + 1}.{rest}"
