@@ -216,7 +216,7 @@ def test_errors_name_what_is_wrong() -> None:
     lorakit.unmerge(model)
     # every failure above left the model as it was: an ordinary forward still runs adapter a
     before = _alone(model, "a", lambda: model(ids).logits)
-    assert all(layer._stack is None for _, layer in lorakit.lora_layers(model))
+    assert all(layer.adapter_stack is None for _, layer in lorakit.lora_layers(model))
     lorakit.set_active_adapters(model, "a")
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
@@ -227,7 +227,7 @@ def test_grouped_conv_is_refused() -> None:
     lorakit.get_lora_model(model, LoraConfig(r=2, target_modules=["0"]), "a")
     with pytest.raises(LoraError, match="groups=2"), lorakit.mixed_batch(model, ["a"]):
         pass
-    assert model[0]._stack is None
+    assert model[0].adapter_stack is None
 
 
 def test_model_is_unchanged_after_the_block() -> None:

@@ -103,7 +103,7 @@ def _check_swappable(
     layers: dict[str, LoraLayer],
 ) -> None:  # fmt: skip
     for name, layer in layers.items():
-        if adapter_name in layer.merged_adapters or layer._stack is not None:
+        if adapter_name in layer.merged_adapters or layer.adapter_stack is not None:
             raise LoraError(f"hot_swap_adapter: {adapter_name!r} is merged or in a mixed batch in {name!r}")
     targets = {name for name, _ in find_targets(model, config)}
     if targets != set(layers):

@@ -57,7 +57,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
             raise MergeError(f"mixed_batch: {name!r} has merged adapters {layer.merged_adapters}; unmerge first")
         if layer.disabled:
             raise LoraError("mixed_batch: adapters are disabled (inside disable_adapters)")
-        if layer._stack is not None:
+        if layer.adapter_stack is not None:
             raise LoraError(f"mixed_batch: {name!r} already runs a mixed batch or X-LoRA; they do not nest")
 
     slots = list(dict.fromkeys(name for name in rows if name != BASE_ADAPTER_NAME))

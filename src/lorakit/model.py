@@ -329,7 +329,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     for name, layer in lora_layers(model):
         if adapter_name in layer.merged_adapters:
             raise AdapterError(f"adapter {adapter_name!r} is merged (in {name!r}); unmerge before deleting it")
-        if layer._stack is not None:
+        if layer.adapter_stack is not None:
             raise AdapterError(f"{name!r} runs a mixed batch or X-LoRA; end it (remove_xlora) before deleting adapters")
     if list(state.configs) == [adapter_name]:
         raise AdapterError(
@@ -404,7 +404,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | str | None = None, sa
     layers = [(n, layer) for n, layer in lora_layers(model) if any(a in layer.r for a in names)]
     owners = _parameter_owners(model)
     for layer_name, layer in layers:
-        if layer._stack is not None:
+        if layer.adapter_stack is not None:
             raise MergeError(f"{layer_name!r} runs a mixed batch or X-LoRA, whose weights vary per row or token")
         layer_names = [a for a in names if a in layer.r and a not in layer.merged_adapters]
         for adapter in layer_names:

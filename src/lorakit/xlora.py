@@ -308,7 +308,7 @@ def _run_scaling_pass(model: nn.Module, args: tuple, kwargs: dict) -> None:
     if value != 0.0:
         constant = route(torch.full((batch, tokens, n), value, device=classifier.last.weight.device), config)
     for _, layer in state.layers:
-        layer._stack.skip = constant is None
+        layer.adapter_stack.skip = constant is None
         if constant is not None:
             layer.set_stack_gates(constant)
     pass_kwargs = {key: arg for key, arg in kwargs.items() if key not in ("labels", "num_items_in_batch")}
@@ -325,7 +325,7 @@ def _run_scaling_pass(model: nn.Module, args: tuple, kwargs: dict) -> None:
             output = model.forward(*args, **pass_kwargs)
     finally:
         for _, layer in state.layers:
-            layer._stack.skip = False
+            layer.adapter_stack.skip = False
     scalings = classifier(output.hidden_states[-1])
     state.latest_scalings = scalings.detach()
     shared = None if config.layerwise_scalings else route(scalings[:, :, 0, :], config)  # same for every layer

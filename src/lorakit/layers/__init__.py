@@ -9,8 +9,10 @@ from .base import LoraLayer, adapter_dtype
 from .conv import LoraConv
 from .embedding import LoraEmbedding
 from .linear import LoraLinear, is_transformers_conv1d
+from .stack import AdapterStack
 
 __all__ = [
+    "AdapterStack",
     "LoraConv",
     "LoraEmbedding",
     "LoraLayer",

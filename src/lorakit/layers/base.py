@@ -9,7 +9,7 @@ short file each: `linear.py`, `embedding.py`, `conv.py`) supplies only its math:
 - `add_adapter_output(result, x, name)`: `result + s · branch(x)`, the branch computed in `x`'s dtype;
 - `delta_weights(name)`: `{base parameter name: ΔW}`, what merging adds to the base parameters;
 - optionally, for many adapters in one forward (mixed batches, X-LoRA): `stacked_factors(names, dtype,
-  one_per_row)` and `add_stacked_output(result, x, stack)`, the stacked form of design §5 (`AdapterStack`);
+  one_per_row)` and `add_stacked_output(result, x, stack)`, the stacked form of `layers/stack.py` (docs/design.md §6);
 - optionally, `rank_layout(name)` when A and B do not keep the rank on axes 0 and 1 (for hot swapping).
 
 Everything else (the adapter registry of the layer, activation, disabling, exact merge and unmerge)
@@ -19,7 +19,6 @@ lives here once. The parameter names follow peft (`lora_A.<adapter>.weight`), so
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import AdapterError, LoraError, MergeError
 from .exact import MergeResidual, merge_exactly, merged_value, unmerge_exactly
+from .stack import AdapterStack, add_stacked_output, build_stack
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -35,54 +35,6 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     if not base_dtype.is_floating_point:
         return torch.float32
     return torch.promote_types(base_dtype, torch.float32)
-
-
-def broadcast_gates(gates: torch.Tensor, ndim: int, channel_last: bool = True) -> torch.Tensor:
-    """`gates` `(batch, c)` or `(batch, tokens, c)` viewed to multiply an `ndim`-dim activation whose channels
-    are its last dim (Linear, Embedding: `(batch, …, c)`) or dim 1 (convs: `(batch, c, *spatial)`)."""
-    if channel_last:
-        return gates.view(gates.shape[0], *[1] * (ndim - gates.ndim), *gates.shape[1:])
-    if gates.ndim != 2:
-        raise LoraError(f"per-token weights {tuple(gates.shape)} do not apply to a convolution's output")
-    return gates.view(*gates.shape, *[1] * (ndim - 2))
-
-
-@dataclass
-class AdapterStack:
-    """Several adapters of one layer stacked for one forward in which each row (or token) weighs them its own
-    way: the primitive behind mixed batches and X-LoRA (design §5).
-
-    Slots `0..n-1` are model-wide (slot j is the j-th adapter of a mixed batch, or X-LoRA's j-th expert).
-    Of them, the adapters this layer has (i, of rank r_i and scaling s_i) are stacked:
-
-        A_cat = concat_i A_i            (Σr × in)
-        B_cat = concat_i s_i · B_i      (out × Σr)
-        y = base(x) + ((x @ A_cat.T) ⊙ G[..., column_slot]) @ B_cat.T  (+ G[..., present_slot] @ s·b_B)
-
-    `gates` G is `(batch, n)`, a weight per row (one-hot in a mixed batch; all zeros means no adapter), or
-    `(batch, tokens, n)`, a weight per token (X-LoRA). `column_slot` `(Σr,)` gives each rank column's slot,
-    `present_slot` each stacked adapter's; the gates expanded by them are kept, so a fixed G costs nothing
-    per forward. With `one_per_row` (a mixed batch), `row_adapter` `(batch,)` also gives each row's stacked
-    adapter (`len(present_slot)` for none): a layer may then gather each row's own A and B instead, which
-    costs r_i per token rather than Σr (`LoraLinear` does, for many adapters).
-    """
-
-    owner: str  # the layer's name in the model, for error messages
-    factors: dict[str, torch.Tensor]  # the layer kind's stacked weights, in the compute dtype
-    column_slot: torch.Tensor
-    present_slot: torch.Tensor
-    eval_only: bool = True
-    one_per_row: bool = False
-    dropout: float = 0.0  # in training, on the input: the largest of the stacked adapters' lora_dropout
-    skip: bool = False  # run the base layer only (X-LoRA's scaling pass with weights 0)
-    column_gates: torch.Tensor | None = None
-    present_gates: torch.Tensor | None = None
-    row_adapter: torch.Tensor | None = None
-
-    def gates_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(column_gates, present_gates)` in `dtype`."""
-        assert self.column_gates is not None and self.present_gates is not None
-        return self.column_gates.to(dtype), self.present_gates.to(dtype)
 
 
 class LoraLayer(nn.Module):
@@ -112,7 +64,7 @@ class LoraLayer(nn.Module):
         # so the forward does no bookkeeping (and torch.compile guards on a plain list).
         self._forward_adapters: list[str] = []
         self._residuals: dict[str, MergeResidual] = {}
-        self._stack: AdapterStack | None = None  # set while a mixed batch or X-LoRA runs the layer
+        self.adapter_stack: AdapterStack | None = None  # set while a mixed batch or X-LoRA runs the layer
 
     def __getattr__(self, name: str) -> Any:
         # Code written for the wrapped module (`layer.weight`, `layer.in_features`) keeps working.
@@ -273,8 +225,8 @@ class LoraLayer(nn.Module):
         if self.merged_adapters and self.training and torch.is_grad_enabled():
             self._refuse_training_merged()
         result = self.base_layer(x, *args, **kwargs)
-        if self._stack is not None and not self.disabled:
-            return self._add_stacked(result, x, self._stack)
+        if self.adapter_stack is not None and not self.disabled:
+            return add_stacked_output(self, result, x, self.adapter_stack)
         for name in self._forward_adapters:
             result = self.add_adapter_output(result, x, name)
         return result
@@ -296,50 +248,18 @@ class LoraLayer(nn.Module):
     def stack(
         self, owner: str, slots: list[str], eval_only: bool = True, one_per_row: bool = False, with_grad: bool = False
     ) -> None:
-        """Stack this layer's adapters among `slots` (the model-wide slot order); `set_stack_gates` next.
-        `one_per_row`: every gate row will be one-hot or zero (a mixed batch). `with_grad`: the stacked weights
-        stay connected to the adapters' parameters (to train them; restack after every optimizer step)."""
-        present = [name for name in slots if name in self.r]
-        column_slot = [slot for slot, name in enumerate(slots) if name in self.r for _ in range(self.r[name])]
-        present_slot = [slot for slot, name in enumerate(slots) if name in self.r]
-        weight = next(iter(self.base_layer.parameters()), None)
-        device = weight.device if weight is not None else None
-        dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
-        with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
-            factors = self.stacked_factors(present, dtype, one_per_row) if present else {}
-        self._stack = AdapterStack(
-            owner, factors, torch.tensor(column_slot, dtype=torch.long, device=device),
-            torch.tensor(present_slot, dtype=torch.long, device=device), eval_only, one_per_row,
-            max((self.lora_dropout_p[n] for n in present), default=0.0),
-        )  # fmt: skip
+        """Stack this layer's adapters among `slots` (the model-wide slot order) for one forward in which rows
+        or tokens weigh them their own way; `set_stack_gates` next. See `layers/stack.py`."""
+        self.adapter_stack = build_stack(self, owner, slots, eval_only, one_per_row, with_grad)
 
     def set_stack_gates(self, gates: torch.Tensor) -> None:
         """Set the weights `(batch, n_slots)` or `(batch, tokens, n_slots)` of the stacked forward."""
-        stack = self._stack
-        if stack is None:
+        if self.adapter_stack is None:
             raise LoraError("set_stack_gates needs stack() first")
-        if stack.factors:
-            gates = gates.to(device=stack.column_slot.device, dtype=next(iter(stack.factors.values())).dtype)
-            stack.column_gates = gates.index_select(-1, stack.column_slot)
-            stack.present_gates = gates.index_select(-1, stack.present_slot)
-            if stack.one_per_row:
-                none = torch.full_like(stack.present_slot[:1], len(stack.present_slot))
-                has_one = stack.present_gates.any(-1)
-                stack.row_adapter = torch.where(has_one, stack.present_gates.argmax(-1), none)
+        self.adapter_stack.set_gates(gates)
 
     def unstack(self) -> None:
-        self._stack = None
-
-    def _add_stacked(self, result: Any, x: torch.Tensor, stack: AdapterStack) -> Any:
-        if not stack.factors or stack.skip:  # no slot's adapter targets this layer, or told to skip
-            return result
-        if stack.eval_only and self.training:
-            raise LoraError(f"{stack.owner}: a mixed batch runs in eval mode only; call model.eval() first")
-        gates = stack.present_gates
-        if gates is None or x.shape[0] != gates.shape[0]:
-            rows = "no gates are set" if gates is None else f"there are {gates.shape[0]} adapter names"
-            raise LoraError(f"{stack.owner}: the batch has {x.shape[0]} rows (input shape {tuple(x.shape)}) but {rows}")
-        return self.add_stacked_output(result, x, stack)
+        self.adapter_stack = None
 
     # ----- merge --------------------------------------------------------------------------------------
 

@@ -20,7 +20,8 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import LoraConfigError, LoraError, MergeError
-from .base import AdapterStack, LoraLayer, adapter_dtype, broadcast_gates
+from .base import LoraLayer, adapter_dtype
+from .stack import AdapterStack, broadcast_gates
 
 _CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 

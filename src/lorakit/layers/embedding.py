@@ -16,7 +16,8 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import LoraConfigError
-from .base import AdapterStack, LoraLayer, adapter_dtype, broadcast_gates
+from .base import LoraLayer, adapter_dtype
+from .stack import AdapterStack, broadcast_gates
 
 
 class LoraEmbedding(LoraLayer):

@@ -31,7 +31,8 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ..config import LoraConfig
-from .base import AdapterStack, LoraLayer, adapter_dtype, broadcast_gates
+from .base import LoraLayer, adapter_dtype
+from .stack import AdapterStack, broadcast_gates
 
 # Where accumulating the base GEMM into the LoRA output measured faster (benchmarks/run.py --only train,inference):
 # float32 gains 1-2 points per layer; in bfloat16 CPU GEMMs with a bfloat16 accumulator input are slower.
@@ -73,7 +74,7 @@ class LoraLinear(LoraLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapters = self._forward_adapters
         if (
-            len(adapters) == 1 and self._stack is None and not self.merged_adapters and not args and not kwargs
+            len(adapters) == 1 and self.adapter_stack is None and not self.merged_adapters and not args and not kwargs
             and not torch.is_autocast_enabled(x.device.type) and self._is_plain_linear()
         ):  # fmt: skip
             return self._plain_single_forward(x, adapters[0])
