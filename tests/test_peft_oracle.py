@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lorakit
-from lorakit.layers.linear import FLOAT32_BRANCH_MAX_MACS
+from lorakit.layers.linear_fast import FLOAT32_BRANCH_MAX_MACS
 
 peft = pytest.importorskip("peft")
 pytorch_utils = pytest.importorskip("transformers.pytorch_utils")

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraConfig
@@ -62,7 +63,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         # Adapters whose branch the forward computes: active, not merged, not disabled. Kept as a list
         # so the forward does no bookkeeping (and torch.compile guards on a plain list).
-        self._forward_adapters: list[str] = []
+        self.forward_adapters: list[str] = []
         self._residuals: dict[str, MergeResidual] = {}
         self.adapter_stack: AdapterStack | None = None  # set while a mixed batch or X-LoRA runs the layer
 
@@ -215,11 +216,16 @@ class LoraLayer(nn.Module):
         self._refresh()
 
     def _refresh(self) -> None:
-        self._forward_adapters = (
+        self.forward_adapters = (
             [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
         )
 
     # ----- forward ------------------------------------------------------------------------------------
+
+    def dropout_input(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """`x` through adapter `name`'s dropout (in training mode only)."""
+        p = self.lora_dropout_p[name]
+        return F.dropout(x, p, training=True) if p and self.training else x
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.merged_adapters and self.training and torch.is_grad_enabled():
@@ -227,7 +233,7 @@ class LoraLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.adapter_stack is not None and not self.disabled:
             return add_stacked_output(self, result, x, self.adapter_stack)
-        for name in self._forward_adapters:
+        for name in self.forward_adapters:
             result = self.add_adapter_output(result, x, name)
         return result
 

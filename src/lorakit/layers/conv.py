@@ -51,9 +51,7 @@ class LoraConv(LoraLayer):
         )
 
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        p = self.lora_dropout_p[name]
-        if p and self.training:
-            x = F.dropout(x, p, training=True)
+        x = self.dropout_input(x, name)
         a, b = self.lora_A[name], self.lora_B[name]
         hidden = a._conv_forward(x, a.weight.to(x.dtype), None)
         out = b._conv_forward(hidden, b.weight.to(x.dtype), None if b.bias is None else b.bias.to(x.dtype))
