@@ -153,9 +153,7 @@ class _LoraFields:
 
     def scaling_for(self, module_name: str) -> float:
         """`s = alpha / r`, or `alpha / sqrt(r)` with `use_rslora`, for `module_name`."""
-        r = self.rank_for(module_name)
-        alpha = self.alpha_for(module_name)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return lora_scaling(self.alpha_for(module_name), self.rank_for(module_name), self.use_rslora)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain JSON-ready values."""
@@ -166,6 +164,11 @@ class _LoraFields:
         values = self.to_dict()
         values.update(changes)
         return LoraConfig(**values)
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
+    """LoRA's scaling: `s = lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
 def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:

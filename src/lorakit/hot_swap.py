@@ -15,13 +15,12 @@ import torch
 from torch import nn
 
 from ._files import as_path
-from .config import LoraConfig
+from .config import LoraConfig, lora_scaling
 from .errors import AdapterError, LoraError
-from .formats.peft import adapter_parameters, read_adapter_config
+from .formats.peft import adapter_parameters, plan_from_file, read_adapter_config
 from .formats.readers import CONFIG_NAME, match_keys_and_shapes, open_weights, quoted_list, resolve_adapter_dir
 from .layers import LoraLayer
 from .model import lora_state
-from .targets import find_targets, resolve_config
 
 
 def hot_swap_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
@@ -41,25 +40,28 @@ def hot_swap_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: st
     if slot_config is None:
         raise AdapterError(f"unknown adapter {adapter_name!r}; this model has {sorted(state.configs)}")
     directory = resolve_adapter_dir(path)
-    config = resolve_config(model, read_adapter_config(directory), strict=False)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.r}
-    _check_swappable(model, directory, config, slot_config, adapter_name, layers)
-    params = adapter_parameters(model, adapter_name)
-    placements = {key: _Placement(tuple(param.shape)) for key, param in params.items()}
-    for name, layer in layers.items():
-        rank, slot_rank = config.rank_for(name), layer.r[adapter_name]
-        if rank > slot_rank:
-            raise LoraError(f"{directory}: {name!r} has rank {rank}, larger than the slot's {slot_rank}")
-        scaling = config.alpha_for(name) / (rank**0.5 if config.use_rslora else rank)
-        for key, (axis, scaled) in layer.rank_layout(adapter_name).items():
-            placement = placements[f"{name}.{key}"]
-            placement.factor = scaling / layer.scaling[adapter_name] if scaled else 1.0
-            if axis is None or rank == slot_rank:
-                continue
-            if placement.shape[axis] != slot_rank:  # e.g. a grouped conv's B, (out, r/groups, 1, 1)
-                raise LoraError(f"{directory}: {name!r} has rank {rank}; its slot of rank {slot_rank} cannot pad it")
-            placement.axis, placement.shape = axis, (*placement.shape[:axis], rank, *placement.shape[axis + 1 :])
     with open_weights(directory) as weights:
+        config, targets = plan_from_file(model, read_adapter_config(directory), weights, directory)
+        _check_swappable(directory, config, slot_config, adapter_name, layers, {t.name for t in targets})
+        params = adapter_parameters(model, adapter_name)
+        placements = {key: _Placement(tuple(param.shape)) for key, param in params.items()}
+        for target in targets:
+            layer, rank = layers[target.name], target.r
+            slot_rank = layer.r[adapter_name]
+            if rank > slot_rank:
+                raise LoraError(f"{directory}: {target.name!r} has rank {rank}, larger than the slot's {slot_rank}")
+            scaling = lora_scaling(target.lora_alpha, rank, config.use_rslora)
+            for key, (axis, scaled) in layer.rank_layout(adapter_name).items():
+                placement = placements[f"{target.name}.{key}"]
+                placement.factor = scaling / layer.scaling[adapter_name] if scaled else 1.0
+                if axis is None or rank == slot_rank:
+                    continue
+                if placement.shape[axis] != slot_rank:  # e.g. a grouped conv's B, (out, r/groups, 1, 1)
+                    raise LoraError(
+                        f"{directory}: {target.name!r} has rank {rank}; its slot of rank {slot_rank} cannot pad it"
+                    )
+                placement.axis, placement.shape = axis, (*placement.shape[:axis], rank, *placement.shape[axis + 1 :])
         file_keys = match_keys_and_shapes(weights, {k: p.shape for k, p in placements.items()}, {}, directory)
         tensors = {key: weights.tensor(file_keys[key]) for key in params}
     with torch.no_grad():
@@ -99,13 +101,12 @@ class _Placement:
 
 
 def _check_swappable(
-    model: nn.Module, directory: Path, config: LoraConfig, slot_config: LoraConfig, adapter_name: str,
-    layers: dict[str, LoraLayer],
+    directory: Path, config: LoraConfig, slot_config: LoraConfig, adapter_name: str, layers: dict[str, LoraLayer],
+    targets: set[str],
 ) -> None:  # fmt: skip
     for name, layer in layers.items():
         if adapter_name in layer.merged_adapters or layer.adapter_stack is not None:
             raise LoraError(f"hot_swap_adapter: {adapter_name!r} is merged or in a mixed batch in {name!r}")
-    targets = {name for name, _ in find_targets(model, config)}
     if targets != set(layers):
         raise LoraError(
             f"{directory} targets other modules than adapter {adapter_name!r}: only in the file "

@@ -10,6 +10,7 @@ weights under the LoRA layers' keys, which `from_pretrained` could not read back
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,7 +28,7 @@ from .errors import AdapterError, LoraError, MergeError
 from .layers import LoraLayer, lora_layer_type_for
 from .layers.linear import is_transformers_conv1d
 from .layers.modules_to_save import ModulesToSave
-from .targets import candidate_modules, find_targets, resolve_config
+from .targets import find_targets, is_module_to_save, parameter_owners, resolve_config
 
 BASE_ADAPTER_NAME = "__base__"  # reserved: "no adapter" in mixed batches
 _STATE_ATTR = "_lorakit_state"
@@ -35,11 +36,15 @@ _STATE_ATTR = "_lorakit_state"
 
 @dataclass
 class LoraState:
-    """What a LoRA model knows about its adapters beyond its layers."""
+    """The one owner of a LoRA model's adapter state: each adapter's resolved config, which adapters are active
+    (in order), which train, and whether adapters are disabled. Layers hold what follows from it for them
+    (their own rank, alpha, scaling and dropout per adapter, the adapters their forward runs), and only the
+    functions of this module change it, pushing the result to every layer with `_apply_state`."""
 
     configs: dict[str, LoraConfig] = field(default_factory=dict)  # resolved: explicit target lists
     active: list[str] = field(default_factory=list)
     trainable: dict[str, bool] = field(default_factory=dict)
+    disabled: bool = False  # inside `disable_adapters`
     frozen_load_check: Any = None  # the hook of `watch_frozen_load`, while it watches
 
 
@@ -86,15 +91,114 @@ def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     """
     if is_lora_model(check_module(model)):
         raise LoraError(f"{type(model).__name__} is already a LoRA model; use lorakit.add_adapter for another")
-    state = LoraState()
-    _add_adapter(model, state, adapter_name, config)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    setattr(model, _STATE_ATTR, state)  # a plain attribute: not a module, not in state_dict
-    if callable(getattr(model, "save_pretrained", None)):
-        model.save_pretrained = AdapterSavePretrained(model)
-    set_active_adapters(model, adapter_name)
+    config, targets = plan_targets(model, config)
+    add_planned_adapter(model, adapter_name, config, targets, trainable=True)
     return model
+
+
+def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig, trainable: bool = True) -> None:
+    """Add another adapter to a LoRA model. It is inactive until `set_active_adapters` names it."""
+    lora_state(model)
+    config, targets = plan_targets(model, config)
+    add_planned_adapter(model, adapter_name, config, targets, trainable)
+
+
+@dataclass(frozen=True)
+class AdapterTarget:
+    """A module an adapter goes on, with the rank and alpha it gets there."""
+
+    name: str
+    module: nn.Module
+    r: int
+    lora_alpha: float
+
+
+def plan_targets(model: nn.Module, config: LoraConfig) -> tuple[LoraConfig, list[AdapterTarget]]:
+    """The resolved `config` (explicit targets) and its targets in `model`, from a config the user wrote: its
+    patterns (`target_modules`, `rank_pattern`, …) are evaluated here. Loading a file plans from the file's
+    tensors instead (`formats.peft`)."""
+    if not isinstance(config, LoraConfig):
+        raise LoraError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
+    config = resolve_config(model, config)
+    targets = find_targets(model, config)
+    return config, [AdapterTarget(n, module, config.rank_for(n), config.alpha_for(n)) for n, module in targets]
+
+
+def add_planned_adapter(
+    model: nn.Module, adapter_name: str, config: LoraConfig, targets: list[AdapterTarget], trainable: bool
+) -> None:
+    """Add adapter `adapter_name` on exactly `targets` (and the `config.modules_to_save` copies). A plain model is
+    converted: everything is frozen but the adapter, which becomes the active one; on a LoRA model the adapter
+    is added inactive. On any failure the model is left as it was."""
+    was_lora = is_lora_model(model)
+    state = lora_state(model) if was_lora else LoraState()
+    _check_new_name(state, adapter_name)
+    # Recorded as peft records it: the saved config tells consumers whether weights are stored (in, out).
+    uses_conv1d = any(is_transformers_conv1d(getattr(t.module, "base_layer", t.module)) for t in targets)
+    if config.fan_in_fan_out != uses_conv1d:
+        config = config.replace(fan_in_fan_out=uses_conv1d)
+    with undo_on_failure(model):
+        parents = _parent_index(model)
+        for target in targets:
+            layer = target.module
+            if not isinstance(layer, LoraLayer):
+                layer = lora_layer_type_for(target.module)(target.module)
+                target.module.requires_grad_(False)
+                _replace(parents, target.module, layer)
+            layer.add_adapter(adapter_name, target.r, target.lora_alpha, config)
+            layer.train(layer.base_layer.training)  # new modules start in training mode; follow the model's
+        for module in _find_modules_to_save(model, config):
+            if not isinstance(module, ModulesToSave):
+                module.requires_grad_(False)
+                wrapper = ModulesToSave(module).train(module.training)
+                _replace(parents, module, wrapper)
+                module = wrapper
+            module.add_adapter(adapter_name)
+        state.configs[adapter_name] = config
+        state.trainable[adapter_name] = trainable
+        if not was_lora:
+            for param in model.parameters():
+                param.requires_grad_(False)
+            state.active = [adapter_name]
+            setattr(model, _STATE_ATTR, state)  # a plain attribute: not a module, not in state_dict
+            if callable(getattr(model, "save_pretrained", None)):
+                model.save_pretrained = AdapterSavePretrained(model)
+        _apply_state(model, state)
+
+
+@contextmanager
+def undo_on_failure(model: nn.Module) -> Iterator[None]:
+    """Run a block that changes `model`'s adapters; if it raises, put everything back as it was: the module tree,
+    every `requires_grad` flag, the adapters of existing LoRA layers and the model's LoRA state. The one rollback
+    of every operation that can fail half-way (converting, adding, loading)."""
+    children = {parent: dict(parent._modules) for parent in model.modules()}
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    adapters = {module: set(module.adapter_names) for module in _adapter_modules(model)}
+    attributes = {name: model.__dict__.get(name) for name in (_STATE_ATTR, "save_pretrained")}
+    state = getattr(model, _STATE_ATTR, None)
+    kept = {key: copy.copy(value) for key, value in state.__dict__.items()} if state is not None else {}
+    try:
+        yield
+    except BaseException:
+        for module, names in adapters.items():
+            for name in set(module.adapter_names) - names:
+                module.delete_adapter(name)
+        for parent, before in children.items():
+            for name in set(parent._modules) - set(before):
+                delattr(parent, name)
+            for name, child in before.items():
+                setattr(parent, name, child)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        for name, value in attributes.items():
+            if value is None:
+                model.__dict__.pop(name, None)
+            else:
+                model.__dict__[name] = value
+        if state is not None:
+            state.__dict__.update(kept)
+            _apply_state(model, state)
+        raise
 
 
 class AdapterSavePretrained:
@@ -128,13 +232,6 @@ class AdapterSavePretrained:
         return directory
 
 
-def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig, trainable: bool = True) -> None:
-    """Add another adapter to a LoRA model. It is inactive until `set_active_adapters` names it."""
-    state = lora_state(model)
-    _add_adapter(model, state, adapter_name, config, trainable)
-    _update_trainable(model, state)
-
-
 def _check_new_name(state: LoraState, name: object) -> None:
     if not isinstance(name, str) or not name or "." in name:
         raise AdapterError(f"adapter name must be a non-empty string without '.', got {name!r}")
@@ -144,73 +241,23 @@ def _check_new_name(state: LoraState, name: object) -> None:
         raise AdapterError(f"adapter {name!r} already exists; choose another name or delete_adapter it first")
 
 
-def _add_adapter(model: nn.Module, state: LoraState, name: str, config: LoraConfig, trainable: bool = True) -> None:
-    _check_new_name(state, name)
-    if not isinstance(config, LoraConfig):
-        raise LoraError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
-    config = resolve_config(model, config)
-    targets = find_targets(model, config)
-    # Recorded as peft records it: the saved config tells consumers whether weights are stored (in, out).
-    uses_conv1d = any(is_transformers_conv1d(getattr(m, "base_layer", m)) for _, m in targets)
-    if config.fan_in_fan_out != uses_conv1d:
-        config = config.replace(fan_in_fan_out=uses_conv1d)
-    saved = _find_modules_to_save(model, config)
-    parents = _parent_index(model)
-    requires_grad = [(param, param.requires_grad) for param in model.parameters()]
-    touched: list[LoraLayer | ModulesToSave] = []
-    wrapped: list[tuple[nn.Module, LoraLayer | ModulesToSave]] = []
-    try:
-        for module_name, module in targets:
-            if isinstance(module, LoraLayer):
-                layer = module
-            else:
-                layer = lora_layer_type_for(module)(module)
-                _replace(parents, module, layer)
-                wrapped.append((module, layer))
-                module.requires_grad_(False)
-            layer.add_adapter(name, config.rank_for(module_name), config.alpha_for(module_name), config)
-            layer.train(layer.base_layer.training)  # new modules start in training mode; follow the model's
-            touched.append(layer)
-        for module in saved:
-            if not isinstance(module, ModulesToSave):
-                wrapper = ModulesToSave(module).train(module.training)
-                _replace(parents, module, wrapper)
-                wrapped.append((module, wrapper))
-                module.requires_grad_(False)
-                module = wrapper
-            module.add_adapter(name)
-            touched.append(module)
-    except Exception:
-        for module in touched:
-            if name in module.adapter_names:
-                module.delete_adapter(name)
-        for original, wrapper in reversed(wrapped):
-            _replace(parents, wrapper, original)
-        for param, flag in requires_grad:
-            param.requires_grad_(flag)
-        raise
-    state.configs[name] = config
-    state.trainable[name] = trainable
-
-
 def _find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[nn.Module]:
     if not config.modules_to_save:
         return []
     found = [
         module
-        for name, module in candidate_modules(model)
-        if not isinstance(module, LoraLayer)
-        and any(name == entry or name.endswith("." + entry) for entry in config.modules_to_save)
-    ]
-    found += [
-        module
         for name, module in model.named_modules()
-        if isinstance(module, ModulesToSave)
-        and any(name == entry or name.endswith("." + entry) for entry in config.modules_to_save)
+        if not isinstance(module, LoraLayer) and is_module_to_save(config, name)
     ]
+    # a module inside another that is saved whole, or a wrapper's own insides, is not a module of its own
+    found = [m for m in found if not any(m is not o and _contains(o, m) for o in found)]
     if not found:
         raise LoraError(f"modules_to_save={config.modules_to_save} matched no module of the model")
     return found
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(inner is module for module in outer.modules())
 
 
 def _parent_index(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
@@ -218,7 +265,7 @@ def _parent_index(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     in both."""
     index: dict[int, list[tuple[nn.Module, str]]] = {}
     for parent in model.modules():
-        for attr, child in parent._modules.items():
+        for attr, child in parent._modules.items():  # every name, also of a child shared under two
             if child is not None:
                 index.setdefault(id(child), []).append((parent, attr))
     return index
@@ -260,8 +307,15 @@ def set_active_adapters(model: nn.Module, adapter_names: str | Sequence[str]) ->
     if any(layer.merged_adapters for _, layer in lora_layers(model)):
         raise MergeError("the model has merged adapters; unmerge it before changing the active adapters")
     state.active = names
+    _apply_state(model, state)
+
+
+def _apply_state(model: nn.Module, state: LoraState) -> None:
+    """Push the model's adapter state to every adapter module: the active adapters, disabled, and which
+    parameters require grad (an active adapter's, if it trains, and the biases its `bias` mode trains)."""
     for module in _adapter_modules(model):
-        module.set_active(names)
+        module.set_active(state.active)
+        module.set_disabled(state.disabled)
     _update_trainable(model, state)
 
 
@@ -299,19 +353,20 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
     Merged layers are unmerged (exactly) on entry and merged again on exit.
     """
-    lora_state(model)
-    modules = list(_adapter_modules(model))
-    was_disabled = {id(m): m.disabled for m in modules}
-    merged = [(layer, list(layer.merged_adapters)) for layer in modules if getattr(layer, "merged_adapters", None)]
+    state = lora_state(model)
+    was_disabled = state.disabled
+    merged = [(layer, list(layer.merged_adapters)) for _, layer in lora_layers(model) if layer.merged_adapters]
     for layer, _ in merged:
         layer.unmerge()
-    for module in modules:
+    state.disabled = True
+    for module in _adapter_modules(model):
         module.set_disabled(True)
     try:
         yield model
     finally:
-        for module in modules:
-            module.set_disabled(was_disabled[id(module)])
+        state.disabled = was_disabled
+        for module in _adapter_modules(model):
+            module.set_disabled(was_disabled)
         for layer, names in merged:
             layer.merge(names)
 
@@ -402,7 +457,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | str | None = None, sa
     state = lora_state(model)
     names = state.active if adapter_names is None else _known(state, adapter_names)
     layers = [(n, layer) for n, layer in lora_layers(model) if any(a in layer.r for a in names)]
-    owners = _parameter_owners(model)
+    owners = parameter_owners(model)
     for layer_name, layer in layers:
         if layer.adapter_stack is not None:
             raise MergeError(f"{layer_name!r} runs a mixed batch or X-LoRA, whose weights vary per row or token")
@@ -415,15 +470,6 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | str | None = None, sa
             layer.check_merge_finite(layer_names)
     for _, layer in layers:
         layer.merge([a for a in names if a in layer.r])
-
-
-def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
-    """`id(parameter) → [name of each module holding it]`, each module once."""
-    owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
-        for param in module.parameters(recurse=False):
-            owners.setdefault(id(param), []).append(name)
-    return owners
 
 
 def _check_not_tied(layer_name: str, layer: LoraLayer, owners: dict[int, list[str]]) -> None:
@@ -467,7 +513,7 @@ def _unwrap(model: nn.Module, keep_trained_copies: bool) -> nn.Module:
     for wrapper in list(_adapter_modules(model)):
         if isinstance(wrapper, LoraLayer):
             replacement = wrapper.base_layer
-            wrapper._residuals.clear()
+            wrapper.drop_merge_residuals()  # merged for good: nothing will be unmerged
         elif keep_trained_copies and wrapper.active_adapters:
             replacement = wrapper.modules_to_save[wrapper.active_adapters[0]]
         else:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import difflib
 import re
+
+try:  # the standard library's regex parser, to inspect a pattern without running it
+    from re import _parser as _regex_parser  # Python 3.11+
+except ImportError:  # Python 3.10
+    import sre_parse as _regex_parser  # type: ignore[no-redef]
 from collections.abc import Iterator
+from typing import Any
 
 from torch import nn
 
@@ -72,11 +78,21 @@ def _in_layers(config: LoraConfig, name: str) -> bool:
     return index == layers if isinstance(layers, int) else index in layers
 
 
+def is_module_to_save(config: LoraConfig, name: str) -> bool:
+    """Whether module `name` is one of `config.modules_to_save` (named in full, or by its ending after a dot)."""
+    return any(_entry_matches(entry, name) for entry in config.modules_to_save or [])
+
+
+def _inside_module_to_save(config: LoraConfig, name: str) -> bool:
+    """Whether module `name` is a module to save or inside one: it gets a full copy, not LoRA."""
+    return any(f".{entry}." in f".{name}." for entry in config.modules_to_save or [])
+
+
 def is_targeted(config: LoraConfig, name: str) -> bool:
     """peft's rule: excluded first; a regex fullmatches; a list matches exactly or as a suffix."""
     if config.exclude_modules and _matches(config.exclude_modules, name):
         return False
-    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save):
+    if _inside_module_to_save(config, name):
         return False
     targets = config.target_modules
     if targets is None:
@@ -114,14 +130,19 @@ def _output_embedding_names(model: nn.Module, config: LoraConfig) -> set[str]:
     return names
 
 
-def _tied_module_names(model: nn.Module) -> set[str]:
-    """Modules whose weight is shared with another module (an output projection tied to the embeddings)."""
+def parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """`id(parameter) → [name of each module holding it as its own]`, each module once. A parameter with two
+    owners is tied (an output projection sharing the word embeddings' weight)."""
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules():
-        weight = module._parameters.get("weight")  # its own, not a LoRA layer's view of its base's
-        if weight is not None:
-            owners.setdefault(id(weight), []).append(name)
-    tied = {name for names in owners.values() if len(names) > 1 for name in names}
+        for param in module.parameters(recurse=False):  # its own, not a LoRA layer's view of its base's
+            owners.setdefault(id(param), []).append(name)
+    return owners
+
+
+def _tied_module_names(model: nn.Module) -> set[str]:
+    """Modules whose weight is shared with another module."""
+    tied = {name for names in parameter_owners(model).values() if len(names) > 1 for name in names}
     # a LoRA layer's name stands for its base layer's
     return tied | {name.removesuffix(".base_layer") for name in tied}
 
@@ -150,15 +171,11 @@ def expand_all_linear(model: nn.Module, config: LoraConfig) -> LoraConfig:
     return config.replace(target_modules=names)
 
 
-def resolve_config(model: nn.Module, config: LoraConfig, strict: bool = True) -> LoraConfig:
-    """`config` with `target_modules` made explicit: the family default for None, the list for all-linear.
-
-    A `target_modules` list entry that matches no module, or a `layers_to_transform` index the model does not
-    have, selects nothing. With `strict` (a config the user wrote) that is a `TargetError` naming them;
-    otherwise (a config read from a file, perhaps written for a sibling model) they are dropped, which
-    changes nothing the config selects.
-    """
-    names = [name for name, _ in candidate_modules(model)]
+def resolve_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """`config`, written by the user, with `target_modules` made explicit: the family default for None, the
+    list for all-linear. An entry of a `target_modules` list that matches no module, or a `layers_to_transform`
+    index the model does not have, is a `TargetError` naming them. (A config read from a file is checked
+    against its tensors instead: `formats.peft.plan_from_file`.)"""
     if config.target_modules is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGET_MODULES:
@@ -170,42 +187,37 @@ def resolve_config(model: nn.Module, config: LoraConfig, strict: bool = True) ->
         # as listed: the table names both transformers 4's and 5's modules, some of which this model lacks
         return config.replace(target_modules=list(DEFAULT_TARGET_MODULES[model_type]))
     if isinstance(config.target_modules, list):
-        config = _drop_unmatched_entries(model, config, names, strict)
-        config = _drop_missing_layers(config, names, strict)
+        names = [name for name, _ in candidate_modules(model)]
+        _check_entries_match(model, config, names)
+        _check_layers_exist(config, names)
     return expand_all_linear(model, config)
 
 
-def _drop_unmatched_entries(model: nn.Module, config: LoraConfig, names: list[str], strict: bool) -> LoraConfig:
-    entries = config.target_modules
-    unmatched = [entry for entry in entries if not any(_entry_matches(entry, name) for name in names)]
-    if strict and unmatched:
+def _check_entries_match(model: nn.Module, config: LoraConfig, names: list[str]) -> None:
+    unmatched = [entry for entry in config.target_modules if not any(_entry_matches(entry, name) for name in names)]
+    if unmatched:
         raise TargetError(
             f"target_modules entries {unmatched} matched no module of {type(model).__name__} (an entry matches a "
             f"module's full name or its ending after a dot).{_closest_names(model, unmatched)}"
         )
-    kept = [entry for entry in entries if entry not in unmatched]
-    return config.replace(target_modules=kept) if unmatched and kept else config  # none kept: find_targets says so
 
 
-def _drop_missing_layers(config: LoraConfig, names: list[str], strict: bool) -> LoraConfig:
+def _check_layers_exist(config: LoraConfig, names: list[str]) -> None:
     wanted = config.layers_to_transform
     if wanted is None or wanted == []:
-        return config  # as in peft, layers_to_transform restricts list targets only
+        return  # as in peft, layers_to_transform restricts list targets only
     have = _layer_indices(config, names)
-    if strict and not have:
+    if not have:
         raise TargetError(
             f"layers_to_transform={wanted} needs layer indices in the names of the modules target_modules matches, "
             f"and layers_pattern={config.layers_pattern!r} finds none in them"
         )
-    listed = [wanted] if isinstance(wanted, int) else wanted
-    missing = sorted(set(listed) - have)
-    if strict and missing:
+    missing = sorted(set([wanted] if isinstance(wanted, int) else wanted) - have)
+    if missing:
         raise TargetError(
             f"layers_to_transform={wanted}: the model has no layer {missing} among the modules target_modules "
             f"matches (layers_pattern={config.layers_pattern!r}); its layers are {_span(sorted(have))}"
         )
-    kept = [index for index in listed if index in have]
-    return config.replace(layers_to_transform=kept) if missing and kept else config
 
 
 def _layer_indices(config: LoraConfig, names: list[str]) -> set[int]:
@@ -244,23 +256,71 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     if not targets:
         raise TargetError(_nothing_matched(model, config, [name for name, _ in candidates]))
     for name, module in targets:
-        if isinstance(module, LoraLayer):
-            continue
-        kind = quantized_layer_kind(module)
-        if kind is not None:
-            raise TargetError(
-                f"module {name!r} is a quantized layer ({type(module).__module__}.{type(module).__qualname__}, "
-                f"{kind}): lorakit cannot put LoRA on quantized base layers yet. Target the model before "
-                "quantizing it, or leave this module out of target_modules."
-            )
-        if lora_layer_type_for(module) is None:
-            raise TargetError(
-                f"module {name!r} of type {type(module).__module__}.{type(module).__qualname__} matched "
-                f"target_modules={config.target_modules!r}, but lorakit has no LoRA layer for that type. "
-                "Target its Linear/Conv/Embedding children instead, or add support with "
-                "lorakit.register_lora_layer(YourType, YourLoraLayer)."
-            )
+        check_adaptable(name, module)
     return targets
+
+
+def check_adaptable(name: str, module: nn.Module) -> None:
+    """A `TargetError` naming module `name` and its type if lorakit cannot put LoRA on it."""
+    if isinstance(module, LoraLayer):
+        return
+    kind = quantized_layer_kind(module)
+    type_name = f"{type(module).__module__}.{type(module).__qualname__}"
+    if kind is not None:
+        raise TargetError(
+            f"module {name!r} is a quantized layer ({type_name}, {kind}): lorakit cannot put LoRA on quantized "
+            "base layers yet. Target the model before quantizing it, or leave this module out of target_modules."
+        )
+    if lora_layer_type_for(module) is None:
+        raise TargetError(
+            f"module {name!r} of type {type_name} is targeted, but lorakit has no LoRA layer for that type. Target "
+            "its Linear/Conv/Embedding children instead, or add support with "
+            "lorakit.register_lora_layer(YourType, YourLoraLayer)."
+        )
+
+
+def is_plain_pattern(pattern: str) -> bool:
+    """Whether matching `pattern` against a module name takes little time, whoever wrote it: no backreference
+    or lookaround, every repeat over a single character (`.*`, `\\d+`, `[ab]?`), at most two unbounded repeats
+    and at most 1,000 characters. Such a pattern cannot backtrack catastrophically (as `(.|.)*z` does); the
+    usual peft patterns (`q_proj`, `layers\\.1\\.q_proj`, `.*\\.(q|v)_proj`) are plain. lorakit evaluates no
+    other pattern from an adapter file."""
+    if len(pattern) > 1000:
+        return False
+    try:
+        parsed = _regex_parser.parse(pattern)
+    except Exception:
+        return False
+    return _plain_items(parsed, [2])
+
+
+def _plain_items(items: Any, unbounded_left: list[int]) -> bool:
+    for op, arg in items:
+        if op in _REPEATS:
+            _, high, body = arg
+            if len(body) != 1 or body[0][0] not in _SINGLE_CHARACTER:
+                return False
+            if high == _regex_parser.MAXREPEAT:
+                unbounded_left[0] -= 1
+                if unbounded_left[0] < 0:
+                    return False
+        elif op == _regex_parser.SUBPATTERN:
+            if not _plain_items(arg[-1], unbounded_left):
+                return False
+        elif op == _regex_parser.BRANCH:
+            if not all(_plain_items(branch, unbounded_left) for branch in arg[1]):
+                return False
+        elif op not in _SINGLE_CHARACTER and op != _regex_parser.AT:
+            return False  # backreferences, lookarounds, conditionals, atomic groups
+    return True
+
+
+_REPEATS = {
+    getattr(_regex_parser, name)
+    for name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
+    if hasattr(_regex_parser, name)
+}
+_SINGLE_CHARACTER = {getattr(_regex_parser, name) for name in ("LITERAL", "NOT_LITERAL", "ANY", "IN", "CATEGORY")}
 
 
 def _nothing_matched(model: nn.Module, config: LoraConfig, names: list[str]) -> str:
@@ -278,7 +338,7 @@ def _nothing_matched(model: nn.Module, config: LoraConfig, names: list[str]) -> 
             f"layers_to_transform={config.layers_to_transform} (layers_pattern={config.layers_pattern!r}) "
             f"leaves none of the modules target_modules={target} matches: {found}"
         )
-    return f"target_modules={target!r} matched no module of the model.{_closest_names(model, target)}"
+    return f"target_modules={target!r} matched no module of the model.{_closest_names(model, target or [])}"
 
 
 def _example(names: list[str]) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -30,26 +29,25 @@ from torch import nn
 from .._files import as_path, replace_files
 from ..config import PEFT_FIELDS_NOT_MODELED, LoraConfig
 from ..errors import AdapterError, LoraError
-from ..layers import LoraEmbedding, LoraLayer
+from ..layers import LoraEmbedding, LoraLayer, lora_layer_type_for
 from ..layers.modules_to_save import ModulesToSave
 from ..model import (
-    add_adapter,
+    AdapterTarget,
+    add_planned_adapter,
     bias_parameters,
     check_module,
-    delete_adapter,
-    get_lora_model,
-    is_lora_model,
     lora_state,
-    unload,
+    undo_on_failure,
     watch_frozen_load,
 )
-from ..targets import find_targets, resolve_config
+from ..targets import candidate_modules, check_adaptable, is_plain_pattern, is_targeted, resolve_config
 from .readers import (
     CONFIG_NAME,
     PEFT_PREFIX,
     TensorFile,
     match_keys_and_shapes,
     open_weights,
+    quoted_list,
     read_json_object,
     resolve_adapter_dir,
 )
@@ -207,63 +205,129 @@ def load_adapter(
 ) -> nn.Module:
     """Load a peft-format LoRA adapter from a local directory into `model`; return `model`.
 
-    On a plain model the LoRA layers are created from the saved config and the adapter is made active (as
+    On a plain model the LoRA layers are created and the adapter is made active (as
     `PeftModel.from_pretrained` does); on a LoRA model it is added as another, inactive adapter. Tensors
     go to the base layers' devices, as float32 master weights. `trainable=False` freezes the adapter.
     `path` is an adapter directory, a local hub-cache directory (`models--org--name` with `snapshots/`),
     or a hub id `org/name` already in the local hub cache; nothing is downloaded.
 
-    Raises `LoraError` (nothing changed) for a missing, unexpected, mis-shaped or non-float tensor, a
-    corrupt file, or an invalid config.
+    The modules and ranks come from the weights file's keys and shapes, checked against the config
+    (`plan_from_file`): nothing from the file is evaluated as a regular expression. Raises `LoraError`
+    (nothing changed) for a missing, unexpected, mis-shaped or non-float tensor, a corrupt file, an invalid
+    config, or one whose tensors and fields disagree.
     """
     directory = resolve_adapter_dir(path)
-    config = resolve_config(check_module(model), read_adapter_config(directory), strict=False)
-    was_lora = is_lora_model(model)
-    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    children = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()]
-    added = False
-    with open_weights(directory) as weights:
-        _check_ranks(model, config, weights, directory)
-        try:
-            if was_lora:
-                add_adapter(model, adapter_name, config, trainable=trainable)
-                added = True
-            else:
-                get_lora_model(model, config, adapter_name)
-            params = adapter_parameters(model, adapter_name)
-            optional = _base_embedding_parameters(model, adapter_name)
-            file_keys = match_keys_and_shapes(weights, params, optional, directory)
-            params.update({key: optional[key] for key in file_keys if key in optional})
-            tensors = {key: weights.tensor(file_keys[key]) for key in params}
-        except BaseException:
-            if not was_lora and is_lora_model(model):
-                unload(model)
-            elif added:  # not when add_adapter refused a name the model already has: that adapter is the user's
-                delete_adapter(model, adapter_name)
-                for parent, name, child in children:  # unwrap the modules add_adapter wrapped for it
-                    parent._modules[name] = child
-            for param, flag in requires_grad:
-                param.requires_grad_(flag)
-            raise
+    config = read_adapter_config(directory)
+    check_module(model)
+    with open_weights(directory) as weights, undo_on_failure(model):
+        config, targets = plan_from_file(model, config, weights, directory)
+        add_planned_adapter(model, adapter_name, config, targets, trainable)
+        params = adapter_parameters(model, adapter_name)
+        optional = _base_embedding_parameters(model, adapter_name)
+        file_keys = match_keys_and_shapes(weights, params, optional, directory)
+        params.update({key: optional[key] for key in file_keys if key in optional})
+        tensors = {key: weights.tensor(file_keys[key]) for key in params}
     with torch.no_grad():
         for key, param in params.items():
             param.copy_(tensors[key])
-    if not was_lora and not trainable:
-        lora_state(model).trainable[adapter_name] = False
-        for param in model.parameters():
-            param.requires_grad_(False)
+    if not trainable and lora_state(model).configs.keys() == {adapter_name}:
         watch_frozen_load(model)
     return model
 
 
-def _check_ranks(model: nn.Module, config: LoraConfig, weights: TensorFile, directory: Path) -> None:
-    """Refuse, before any layer is built, a rank larger than every tensor in the file (an adapter tensor has
-    at least r elements): a hostile `r` must not make the conversion allocate r × features floats. `config`
-    is resolved (`resolve_config`)."""
-    largest = max((math.prod(shape) for shape in weights.shapes.values()), default=0)
-    for name, _ in find_targets(model, config):
-        if config.rank_for(name) > largest:
+def plan_from_file(
+    model: nn.Module, config: LoraConfig, weights: TensorFile, directory: Path
+) -> tuple[LoraConfig, list[AdapterTarget]]:
+    """The adapter's targets, ranks and alphas as a weights file gives them, checked against its config.
+
+    Targets and ranks come from the file's keys and shapes (`<module path>.<container>…`, A's first axis);
+    alphas from `lora_alpha`, or `alpha_pattern`. The config's patterns are only matched when they are
+    plain (`targets.is_plain_pattern`: quick to match whoever wrote them), to check that the file's targets
+    are the ones the config names and that none is missing; a `target_modules` regular expression is not
+    checked (the keys are the truth), and a `rank_pattern`, `alpha_pattern` or `layers_pattern` that is not a
+    plain name is refused, since lorakit would have to evaluate it. Returns the config (targets made
+    explicit where they can be) and the targets in module order.
+    """
+    candidates = dict(candidate_modules(model))
+    found: dict[str, dict[str, tuple[int, ...]]] = {}  # module path → {tensor suffix: shape}
+    file_keys: dict[tuple[str, str], str] = {}  # (module path, suffix) → the key in the file, for messages
+    for key, shape in weights.shapes.items():
+        located = _lora_tensor_of(key.removeprefix(PEFT_PREFIX), candidates)
+        if located is not None:
+            found.setdefault(located[0], {})[located[1]] = shape
+            file_keys[located] = key
+    for field_name, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+        _refuse_unplain(directory, field_name, list(patterns))
+    if config.layers_to_transform not in (None, []):
+        layers = [config.layers_pattern] if isinstance(config.layers_pattern, str) else config.layers_pattern or []
+        _refuse_unplain(directory, "layers_pattern", layers)
+    if config.target_modules is None or (
+        isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
+    ):
+        config = resolve_config(model, config)  # the family table or the model's linear layers: no file pattern
+    expected = _expected_targets(config, candidates)
+    problems = []
+    if expected is not None:
+        if found.keys() - expected:
+            problems.append(
+                f"tensors for modules the config does not target: {quoted_list(sorted(found.keys() - expected))}"
+            )
+        if expected - found.keys():
+            problems.append(f"no tensors for targeted modules {quoted_list(sorted(expected - found.keys()))}")
+    if not found and not problems:
+        problems.append(f"no tensor names a module of {type(model).__name__} that LoRA can adapt")
+    if problems:
+        raise LoraError(f"adapter in {directory} does not fit the model: " + "; ".join(problems))
+    targets = []
+    for name, module in candidates.items():
+        if name not in found:
+            continue
+        check_adaptable(name, module)
+        layer_type = type(module) if isinstance(module, LoraLayer) else lora_layer_type_for(module)
+        rank = layer_type.rank_in_file(found[name])
+        if rank is None or rank < 1:
+            raise LoraError(f"adapter in {directory} does not fit the model: no usable A tensor for {name!r}")
+        if config.rank_for(name) != rank:
+            suffix = next(k for k in found[name] if k.split(".")[0] == layer_type.adapter_containers[0])
+            key, shape = file_keys[(name, suffix)], found[name][suffix]
+            wanted = [config.rank_for(name), *shape[1:]]
             raise LoraError(
-                f"{directory}: the config gives {name!r} rank {config.rank_for(name)}, but the largest tensor "
-                f"in the weights file has {largest} elements"
+                f"adapter in {directory} does not fit the model: {key!r} has shape {list(shape)}, the model expects "
+                f"{wanted} (the config gives {name!r} rank {config.rank_for(name)})"
+            )
+        targets.append(AdapterTarget(name, module, rank, config.alpha_for(name)))
+    return config, targets
+
+
+def _lora_tensor_of(key: str, candidates: dict[str, nn.Module]) -> tuple[str, str] | None:
+    """`(module path, suffix)` when `key` is a LoRA tensor of a module LoRA can adapt (`<path>.<container>…`),
+    else None (a saved copy's or a trained bias's tensor, or a key the model does not know)."""
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = candidates.get(".".join(parts[:cut]))
+        if module is None:
+            continue
+        layer_type = type(module) if isinstance(module, LoraLayer) else lora_layer_type_for(module)
+        if layer_type is not None and parts[cut] in layer_type.adapter_containers:
+            return ".".join(parts[:cut]), ".".join(parts[cut:])
+        return None  # the deepest module the key names: its tensor is not a LoRA one
+    return None
+
+
+def _expected_targets(config: LoraConfig, candidates: dict[str, nn.Module]) -> set[str] | None:
+    """The modules `config` targets, where that can be told without evaluating a pattern from the file."""
+    targets, exclude = config.target_modules, config.exclude_modules
+    unplain = [p for p in (targets, exclude) if isinstance(p, str) and not is_plain_pattern(p)]
+    if unplain or targets is None:
+        return None
+    return {name for name in candidates if is_targeted(config, name)}
+
+
+def _refuse_unplain(directory: Path, field_name: str, patterns: list[str]) -> None:
+    for pattern in patterns:
+        if not is_plain_pattern(pattern):
+            raise LoraError(
+                f"{directory}: {field_name} holds {pattern!r}, a regular expression; lorakit evaluates no pattern "
+                "from an adapter file (a stranger's pattern can take minutes to match) and would need this one. "
+                "Write it as the module names it stands for."
             )

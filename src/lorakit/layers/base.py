@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LoraConfig
+from ..config import LoraConfig, lora_scaling
 from ..errors import AdapterError, LoraError, MergeError
 from .exact import MergeResidual, merge_exactly, merged_value, unmerge_exactly
 from .stack import AdapterStack, add_stacked_output, build_stack
@@ -148,6 +148,15 @@ class LoraLayer(nn.Module):
                 raise LoraError(f"{type(self).__name__}: no rank layout for {key!r}; override rank_layout")
         return layout
 
+    @classmethod
+    def rank_in_file(cls, shapes: dict[str, tuple[int, ...]]) -> int | None:
+        """The rank of an adapter of this kind whose tensors in a file have `shapes` (keyed as in
+        `adapter_parameters`), or None if the file lacks the tensor that tells. The default reads the first
+        axis of the first container's tensor (A is `(r, …)`); override it with `rank_layout`."""
+        first = cls.adapter_containers[0]
+        shape = shapes.get(first) or shapes.get(f"{first}.weight")
+        return shape[0] if shape else None
+
     def check_mergeable(self, name: str) -> None:
         """Raise `MergeError` if adapter `name` cannot be merged into this base layer."""
         for param_name, param in self.base_layer.named_parameters(recurse=False):
@@ -174,7 +183,7 @@ class LoraLayer(nn.Module):
             raise AdapterError(f"adapter {name!r} already exists on this {type(self).__name__}")
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
-        self.scaling[name] = lora_alpha / r**0.5 if config.use_rslora else lora_alpha / r
+        self.scaling[name] = lora_scaling(lora_alpha, r, config.use_rslora)
         self.lora_dropout_p[name] = float(config.lora_dropout)
         self.lora_bias[name] = bool(config.lora_bias)
         self.create_adapter(name, r, config)
@@ -319,6 +328,12 @@ class LoraLayer(nn.Module):
         for param_name, delta in self._summed_deltas(self.merged_adapters).items():
             unmerge_exactly(self._base_param(param_name).data, delta, self._residuals[param_name])
             del self._residuals[param_name]  # only once restored: a failed restore can be retried
+
+    def drop_merge_residuals(self) -> None:
+        """Forget what restores the base weights: the merge becomes permanent (`merge_and_unload`)."""
+        self._residuals.clear()
+        self.merged_adapters = []
+        self._refresh()
 
     def merge_residual_bytes(self) -> int:
         """Extra memory held while merged, to restore the weights exactly."""
