@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,19 +167,26 @@ def add_planned_adapter(
 
 
 @contextmanager
-def undo_on_failure(model: nn.Module) -> Iterator[None]:
+def undo_on_failure(model: nn.Module) -> Iterator[list[Callable[[], object]]]:
     """Run a block that changes `model`'s adapters; if it raises, put everything back as it was: the module tree,
-    every `requires_grad` flag, the adapters of existing LoRA layers and the model's LoRA state. The one rollback
-    of every operation that can fail half-way (converting, adding, loading)."""
+    every `requires_grad` flag, the adapters of existing LoRA layers, lorakit's attributes on the model and its
+    LoRA state. The one rollback of every operation that can fail half-way (converting, adding, loading, X-LoRA).
+    The block may append undo steps of its own (removing a hook it registered) to the list it is given."""
     children = {parent: dict(parent._modules) for parent in model.modules()}
     flags = [(param, param.requires_grad) for param in model.parameters()]
     adapters = {module: set(module.adapter_names) for module in _adapter_modules(model)}
-    attributes = {name: model.__dict__.get(name) for name in (_STATE_ATTR, "save_pretrained")}
+    attributes = {name: value for name, value in model.__dict__.items() if _is_lorakit_attribute(name, value)}
     state = getattr(model, _STATE_ATTR, None)
     kept = {key: copy.copy(value) for key, value in state.__dict__.items()} if state is not None else {}
+    extra_undo: list[Callable[[], object]] = []
     try:
-        yield
+        yield extra_undo
     except BaseException:
+        for undo in reversed(extra_undo):
+            undo()
+        new_state = getattr(model, _STATE_ATTR, None)
+        if new_state is not None and new_state is not state and new_state.frozen_load_check is not None:
+            new_state.frozen_load_check.remove()
         for module, names in adapters.items():
             for name in set(module.adapter_names) - names:
                 module.delete_adapter(name)
@@ -190,15 +197,17 @@ def undo_on_failure(model: nn.Module) -> Iterator[None]:
                 setattr(parent, name, child)
         for param, flag in flags:
             param.requires_grad_(flag)
-        for name, value in attributes.items():
-            if value is None:
-                model.__dict__.pop(name, None)
-            else:
-                model.__dict__[name] = value
+        for name in [name for name, value in model.__dict__.items() if _is_lorakit_attribute(name, value)]:
+            del model.__dict__[name]
+        model.__dict__.update(attributes)
         if state is not None:
             state.__dict__.update(kept)
             _apply_state(model, state)
         raise
+
+
+def _is_lorakit_attribute(name: str, value: object) -> bool:
+    return name.startswith("_lorakit") or isinstance(value, AdapterSavePretrained)
 
 
 class AdapterSavePretrained:
@@ -280,7 +289,7 @@ def _replace(parents: dict[int, list[tuple[nn.Module, str]]], old: nn.Module, ne
 # ----- adapters -----------------------------------------------------------------------------------------
 
 
-def _known(state: LoraState, names: str | Sequence[str]) -> list[str]:
+def _existing(state: LoraState, names: str | Sequence[str]) -> list[str]:
     """`names` (one name or a sequence of names) as a list, each an adapter of the model, none twice."""
     if isinstance(names, str):
         names = [names]
@@ -301,13 +310,21 @@ def set_active_adapters(model: nn.Module, adapter_names: str | Sequence[str]) ->
     Active trainable adapters get `requires_grad=True`, the others `False`.
     """
     state = lora_state(model)
-    names = _known(state, adapter_names)
+    names = _existing(state, adapter_names)
     if not names:
         raise AdapterError("set_active_adapters needs an adapter; lorakit.disable_adapters runs the base model")
     if any(layer.merged_adapters for _, layer in lora_layers(model)):
         raise MergeError("the model has merged adapters; unmerge it before changing the active adapters")
     state.active = names
     _apply_state(model, state)
+
+
+def set_trainable(model: nn.Module, adapter_names: str | Sequence[str], trainable: bool) -> None:
+    """Whether adapters train when active (their parameters' `requires_grad`)."""
+    state = lora_state(model)
+    for name in _existing(state, adapter_names):
+        state.trainable[name] = bool(trainable)
+    _update_trainable(model, state)
 
 
 def _apply_state(model: nn.Module, state: LoraState) -> None:
@@ -380,7 +397,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     as the base model).
     """
     state = lora_state(model)
-    _known(state, adapter_name)
+    _existing(state, adapter_name)
     for name, layer in lora_layers(model):
         if adapter_name in layer.merged_adapters:
             raise AdapterError(f"adapter {adapter_name!r} is merged (in {name!r}); unmerge before deleting it")
@@ -455,7 +472,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | str | None = None, sa
     `unmerge` restores the original bits exactly.
     """
     state = lora_state(model)
-    names = state.active if adapter_names is None else _known(state, adapter_names)
+    names = state.active if adapter_names is None else _existing(state, adapter_names)
     layers = [(n, layer) for n, layer in lora_layers(model) if any(a in layer.r for a in names)]
     owners = parameter_owners(model)
     for layer_name, layer in layers:

@@ -38,7 +38,15 @@ from torch import nn
 from .config import unknown_fields_error
 from .errors import AdapterError, LoraConfigError, LoraError
 from .layers import LoraLayer
-from .model import check_module, delete_adapter, is_lora_model, lora_layers, lora_state, set_active_adapters, unload
+from .model import (
+    check_module,
+    is_lora_model,
+    lora_layers,
+    lora_state,
+    set_active_adapters,
+    set_trainable,
+    undo_on_failure,
+)
 
 _STATE_ATTR = "_lorakit_xlora"
 _CACHE_KEYS = ("cache", "past_key_values")  # transformers 5 renames past_key_values to cache
@@ -194,37 +202,27 @@ def get_xlora_model(
     if not isinstance(hidden_size, int):
         raise LoraConfigError("XLoraConfig.hidden_size is not set and the model's config has no hidden_size")
     was_lora = is_lora_model(model)
-    loaded: list[str] = []
-    try:
-        for name, source in sources.items():
-            if source is None:
-                if not was_lora or name not in lora_state(model).configs:
-                    raise AdapterError(f"expert {name!r} has no directory and the model has no adapter of that name")
-            else:
-                load_adapter(model, source, name, trainable=config.use_trainable_adapters)
-                loaded.append(name)
-    except BaseException:
-        if not was_lora and is_lora_model(model):
-            unload(model)
-        else:
-            for name in loaded:
-                delete_adapter(model, name)
-        raise
     experts = list(sources)
-    state = lora_state(model)
-    for name in experts:
-        state.trainable[name] = config.use_trainable_adapters
-    set_active_adapters(model, experts)
-    layers = [(name, layer) for name, layer in lora_layers(model) if any(e in layer.r for e in experts)]
-    weight = next(model.parameters())
-    classifier = XLoraClassifier(config, hidden_size, len(experts), len(layers)).to(weight.device, weight.dtype)
-    model.add_module(CLASSIFIER_ATTR, classifier)
-    forward_params = inspect.signature(model.forward).parameters
-    xstate = _XLoraState(config, experts, layers, accepts_logits_to_keep="logits_to_keep" in forward_params)
-    setattr(model, _STATE_ATTR, xstate)
-    for name, layer in layers:
-        layer.stack(name, experts, eval_only=False)
-    xstate.hook = model.register_forward_pre_hook(_run_scaling_pass, with_kwargs=True)
+    with undo_on_failure(model) as undo:
+        for name, source in sources.items():
+            if source is not None:
+                load_adapter(model, source, name, trainable=config.use_trainable_adapters)
+            elif not was_lora or name not in lora_state(model).configs:
+                raise AdapterError(f"expert {name!r} has no directory and the model has no adapter of that name")
+        set_trainable(model, experts, config.use_trainable_adapters)
+        set_active_adapters(model, experts)
+        layers = [(name, layer) for name, layer in lora_layers(model) if any(e in layer.r for e in experts)]
+        weight = next(model.parameters())
+        classifier = XLoraClassifier(config, hidden_size, len(experts), len(layers)).to(weight.device, weight.dtype)
+        model.add_module(CLASSIFIER_ATTR, classifier)
+        forward_params = inspect.signature(model.forward).parameters
+        xstate = _XLoraState(config, experts, layers, accepts_logits_to_keep="logits_to_keep" in forward_params)
+        setattr(model, _STATE_ATTR, xstate)
+        for name, layer in layers:
+            layer.stack(name, experts, eval_only=False)
+            undo.append(layer.unstack)
+        xstate.hook = model.register_forward_pre_hook(_run_scaling_pass, with_kwargs=True)
+        undo.append(xstate.hook.remove)
     return model
 
 
@@ -255,7 +253,7 @@ def latest_scalings(model: nn.Module) -> torch.Tensor | None:
     return xlora_state(model).latest_scalings
 
 
-def route(scalings: torch.Tensor, config: XLoraConfig) -> torch.Tensor:
+def route_scalings(scalings: torch.Tensor, config: XLoraConfig) -> torch.Tensor:
     """One layer's expert weights `(…, n)` after `top_k_lora` and `enable_softmax_topk`, times `g`."""
     if config.top_k_lora is not None:
         kept = torch.zeros_like(scalings, dtype=torch.bool)
@@ -297,20 +295,21 @@ def _scaling_pass_cache(state: _XLoraState, model: nn.Module, cache: Any) -> Any
 def _run_scaling_pass(model: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook: the scaling pass and the classifier, then the layers' gates for the real pass."""
     state = xlora_state(model)
-    if not state.layers or state.layers[0][1].disabled:
+    if not state.layers or lora_state(model).disabled:
         return None
     config = state.config
     batch, tokens = _batch_shape(args, kwargs)
     n = len(state.experts)
     value = 1.0 / n if config.scaling_pass_value is None else float(config.scaling_pass_value)
     classifier = getattr(model, CLASSIFIER_ATTR)
-    constant = None  # the same gates for every layer: routed once
+    scaling_pass_gates = None  # the same for every layer: routed once
     if value != 0.0:
-        constant = route(torch.full((batch, tokens, n), value, device=classifier.last.weight.device), config)
+        weights = torch.full((batch, tokens, n), value, device=classifier.last.weight.device)
+        scaling_pass_gates = route_scalings(weights, config)
     for _, layer in state.layers:
-        layer.adapter_stack.skip = constant is None
-        if constant is not None:
-            layer.set_stack_gates(constant)
+        layer.adapter_stack.skip = scaling_pass_gates is None
+        if scaling_pass_gates is not None:
+            layer.set_stack_gates(scaling_pass_gates)
     pass_kwargs = {key: arg for key, arg in kwargs.items() if key not in ("labels", "num_items_in_batch")}
     pass_kwargs.update(output_hidden_states=True, return_dict=True)
     if state.accepts_logits_to_keep:
@@ -328,9 +327,11 @@ def _run_scaling_pass(model: nn.Module, args: tuple, kwargs: dict) -> None:
             layer.adapter_stack.skip = False
     scalings = classifier(output.hidden_states[-1])
     state.latest_scalings = scalings.detach()
-    shared = None if config.layerwise_scalings else route(scalings[:, :, 0, :], config)  # same for every layer
+    # without layerwise scalings every layer gets the same gates: routed once
+    gates_for_all = None if config.layerwise_scalings else route_scalings(scalings[:, :, 0, :], config)
     for index, (name, layer) in enumerate(state.layers):
         if config.use_trainable_adapters:
             layer.stack(name, state.experts, eval_only=False, with_grad=True)  # fresh: the experts train
-        layer.set_stack_gates(route(scalings[:, :, index, :], config) if shared is None else shared)
+        gates = route_scalings(scalings[:, :, index, :], config) if gates_for_all is None else gates_for_all
+        layer.set_stack_gates(gates)
     return None

@@ -37,8 +37,8 @@ from torch import nn
 
 from .._files import as_path, replace_files
 from ..errors import LoraConfigError, LoraError
-from ..model import is_lora_model, unload
-from ..xlora import CLASSIFIER_ATTR, XLoraConfig, get_xlora_model, remove_xlora, xlora_state
+from ..model import is_lora_model, undo_on_failure
+from ..xlora import CLASSIFIER_ATTR, XLoraConfig, get_xlora_model, xlora_state
 from .peft import WEIGHTS_NAME, save_adapter
 from .readers import CONFIG_NAME, TensorFile, match_keys_and_shapes, read_json_object
 
@@ -62,12 +62,12 @@ def peft_classifier_keys(config: XLoraConfig) -> list[int]:
 def classifier_tensors(model: nn.Module, layout: str) -> dict[str, torch.Tensor]:
     config = xlora_state(model).config
     classifier = getattr(model, CLASSIFIER_ATTR).state_dict()
-    ours = {key: value.detach().to("cpu", copy=True).contiguous() for key, value in classifier.items()}
+    by_module_key = {key: value.detach().to("cpu", copy=True).contiguous() for key, value in classifier.items()}
     if layout == "xlora":
-        return ours
+        return by_module_key
     names = [f"inner.{i}" for i in range(config.xlora_depth - 1)] + ["last"]
     return {
-        f"{PEFT_CLASSIFIER_PREFIX}{index}.{param}": ours[f"{name}.{param}"]
+        f"{PEFT_CLASSIFIER_PREFIX}{index}.{param}": by_module_key[f"{name}.{param}"]
         for name, index in zip(names, peft_classifier_keys(config), strict=True)
         for param in ("weight", "bias")
     }
@@ -203,14 +203,9 @@ def load_xlora(
     except LoraConfigError as error:
         raise LoraConfigError(f"{config_path}: {error}") from None
     config.adapters = {name: str(sources[name]) for name in experts}
-    with TensorFile(weights_path) as weights:
+    with TensorFile(weights_path) as weights, undo_on_failure(model):
         get_xlora_model(model, config)
-        try:
-            _load_classifier(model, weights, layout)
-        except BaseException:
-            remove_xlora(model)
-            unload(model)
-            raise
+        _load_classifier(model, weights, layout)
     return model
 
 
@@ -241,10 +236,11 @@ def _load_classifier(model: nn.Module, weights: TensorFile, layout: str) -> None
             f"{weights.path} holds no tensors: peft 0.21's save_pretrained drops the X-LoRA classifier, so this "
             "directory cannot restore the trained X-LoRA model (save it with lorakit.save_xlora)"
         )
-    wanted = classifier_tensors(model, layout)  # file key → tensor of the wanted shape, in our keys' order
-    file_keys = match_keys_and_shapes(weights, {key: tuple(t.shape) for key, t in wanted.items()}, {}, weights.path)
+    expected = classifier_tensors(model, layout)  # file key → a tensor of the expected shape, in module-key order
+    file_keys = match_keys_and_shapes(weights, {key: tuple(t.shape) for key, t in expected.items()}, {}, weights.path)
     classifier = getattr(model, CLASSIFIER_ATTR)
-    tensors = {ours: weights.tensor(file_keys[key]) for ours, key in zip(classifier.state_dict(), wanted, strict=True)}
+    module_keys = classifier.state_dict()
+    tensors = {ours: weights.tensor(file_keys[key]) for ours, key in zip(module_keys, expected, strict=True)}
     with torch.no_grad():
         for key, param in classifier.named_parameters():
             param.copy_(tensors[key])
