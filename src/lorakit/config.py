@@ -97,11 +97,11 @@ class _LoraFields:
             raise LoraConfigError(
                 f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
             )
-        self.target_modules = _names("target_modules", self.target_modules)
-        self.exclude_modules = _names("exclude_modules", self.exclude_modules)
-        self.layers_pattern = _names("layers_pattern", self.layers_pattern)
+        self.target_modules = _name_list("target_modules", self.target_modules)
+        self.exclude_modules = _name_list("exclude_modules", self.exclude_modules)
+        self.layers_pattern = _name_list("layers_pattern", self.layers_pattern)
         if self.modules_to_save is not None:
-            self.modules_to_save = _names("modules_to_save", list(self.modules_to_save))
+            self.modules_to_save = _name_list("modules_to_save", list(self.modules_to_save))
         if not isinstance(self.rank_pattern, dict) or not isinstance(self.alpha_pattern, dict):
             raise LoraConfigError("rank_pattern and alpha_pattern must be dicts of {pattern: value}")
         for key, value in self.rank_pattern.items():
@@ -193,7 +193,7 @@ def _check_alpha(name: str, value: Any) -> None:
         raise LoraConfigError(f"{name} must be a positive finite number, got {value!r}")
 
 
-def _names(name: str, value: Any) -> list[str] | str | None:
+def _name_list(name: str, value: Any) -> list[str] | str | None:
     """Normalise a target-like field: None, a regex string, or a sorted-as-given list of strings."""
     if value is None or isinstance(value, str):
         return value

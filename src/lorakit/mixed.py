@@ -1,4 +1,4 @@
-"""Mixed batches: every row of a batch runs its own adapter, in one forward (design §5).
+"""Mixed batches: every row of a batch runs its own adapter, in one forward (docs/design.md §6).
 
 Inside `with mixed_batch(model, names):` each LoRA layer holds the adapters named in `names` stacked
 (`AdapterStack`: `A_cat (Σr × in)`, `B_cat (out × Σr)` with the scalings folded in) and a one-hot weight per

@@ -25,7 +25,7 @@ from torch import nn
 from ._files import as_path
 from .config import LoraConfig
 from .errors import AdapterError, LoraError, MergeError
-from .layers import LoraLayer, lora_layer_type_for
+from .layers import AdapterModule, LoraLayer, lora_layer_type_for
 from .layers.linear import is_transformers_conv1d
 from .layers.modules_to_save import ModulesToSave
 from .targets import find_targets, is_module_to_save, parameter_owners, resolve_config
@@ -74,7 +74,8 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
             yield name, module
 
 
-def _adapter_modules(model: nn.Module) -> Iterator[LoraLayer | ModulesToSave]:
+def _adapter_modules(model: nn.Module) -> Iterator[AdapterModule]:
+    """Every module of the model holding per-adapter parameters (LoRA layers and `modules_to_save` wrappers)."""
     for module in model.modules():
         if isinstance(module, (LoraLayer, ModulesToSave)):
             yield module

@@ -1,4 +1,4 @@
-"""X-LoRA (Buehler & Buehler, 2024): a learned, token-level mixture of frozen LoRA experts (design §6).
+"""X-LoRA (Buehler & Buehler, 2024): a learned, token-level mixture of frozen LoRA experts (docs/design.md §7).
 
 n experts (LoRA adapters) on L adapted layers, counted in module order. Every forward of the model runs:
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import LoraError
-from .base import LoraLayer, adapter_dtype
+from .base import AdapterModule, LoraLayer, adapter_dtype
 from .conv import LoraConv
 from .embedding import LoraEmbedding
 from .linear import LoraLinear, is_transformers_conv1d
 from .stack import AdapterStack
 
 __all__ = [
+    "AdapterModule",
     "AdapterStack",
     "LoraConv",
     "LoraEmbedding",

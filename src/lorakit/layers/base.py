@@ -19,7 +19,7 @@ lives here once. The parameter names follow peft (`lora_A.<adapter>.weight`), so
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,29 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     if not base_dtype.is_floating_point:
         return torch.float32
     return torch.promote_types(base_dtype, torch.float32)
+
+
+@runtime_checkable
+class AdapterModule(Protocol):
+    """What the model-wide operations ask of a module that holds per-adapter parameters: a `LoraLayer`, or a
+    `ModulesToSave` wrapper. The model's `LoraState` owns which adapters are active and whether they are
+    disabled; these modules keep what follows from it for themselves."""
+
+    disabled: bool
+    active_adapters: list[str]
+
+    @property
+    def adapter_names(self) -> list[str]: ...
+
+    def delete_adapter(self, name: str) -> None: ...
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """The adapter's parameters keyed as in a saved file (peft's names without the module's path)."""
+        ...
+
+    def set_active(self, names: list[str]) -> None: ...
+
+    def set_disabled(self, disabled: bool) -> None: ...
 
 
 class LoraLayer(nn.Module):
@@ -218,13 +241,13 @@ class LoraLayer(nn.Module):
     def set_active(self, names: list[str]) -> None:
         """Make `names` (those this layer has) the active adapters, in order."""
         self.active_adapters = [n for n in names if n in self.r]
-        self._refresh()
+        self._update_forward_adapters()
 
     def set_disabled(self, disabled: bool) -> None:
         self.disabled = disabled
-        self._refresh()
+        self._update_forward_adapters()
 
-    def _refresh(self) -> None:
+    def _update_forward_adapters(self) -> None:
         self.forward_adapters = (
             [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
         )
@@ -313,7 +336,7 @@ class LoraLayer(nn.Module):
             for param_name, delta in self._summed_deltas(merged).items():
                 self._residuals[param_name] = merge_exactly(self._base_param(param_name).data, delta)
         self.merged_adapters = merged
-        self._refresh()
+        self._update_forward_adapters()
 
     def unmerge(self) -> None:
         """Restore the base parameters bit for bit. A no-op when nothing is merged."""
@@ -322,7 +345,7 @@ class LoraLayer(nn.Module):
         with torch.no_grad():
             self._restore()
         self.merged_adapters = []
-        self._refresh()
+        self._update_forward_adapters()
 
     def _restore(self) -> None:
         for param_name, delta in self._summed_deltas(self.merged_adapters).items():
@@ -333,7 +356,7 @@ class LoraLayer(nn.Module):
         """Forget what restores the base weights: the merge becomes permanent (`merge_and_unload`)."""
         self._residuals.clear()
         self.merged_adapters = []
-        self._refresh()
+        self._update_forward_adapters()
 
     def merge_residual_bytes(self) -> int:
         """Extra memory held while merged, to restore the weights exactly."""

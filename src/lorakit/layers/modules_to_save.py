@@ -27,6 +27,7 @@ class ModulesToSave(nn.Module):
         self.active_adapters: list[str] = []
         self.disabled = False
         self._current: str | None = None  # the adapter whose copy runs; None runs the original
+        self._owner = "modules_to_save"  # the module's name in the model, for messages (set with the row adapters)
         self._row_groups: list[tuple[str | None, torch.Tensor]] | None = None  # mixed batch: (copy, its rows)
 
     def __getattr__(self, name: str) -> Any:
@@ -61,13 +62,13 @@ class ModulesToSave(nn.Module):
 
     def set_active(self, names: list[str]) -> None:
         self.active_adapters = [n for n in names if n in self.modules_to_save]
-        self._refresh()
+        self._update_current()
 
     def set_disabled(self, disabled: bool) -> None:
         self.disabled = disabled
-        self._refresh()
+        self._update_current()
 
-    def _refresh(self) -> None:
+    def _update_current(self) -> None:
         use_copy = self.active_adapters and not self.disabled
         self._current = self.active_adapters[0] if use_copy else None
 
