@@ -37,24 +37,7 @@ def export_xlora_mistralrs(model: nn.Module, directory: str | os.PathLike, base_
     config = state.config
     classifier = getattr(model, CLASSIFIER_ATTR)
     experts = [check_expert_name(name) for name in state.experts]
-    own_files = (XLORA_CONFIG_NAME, CLASSIFIER_NAME, MISTRALRS_ORDERING_NAME)
-    if config.enable_softmax_topk:
-        raise LoraError("mistral.rs 0.9.5 refuses enable_softmax_topk; export a config without it")
-    for name in experts:
-        clashes = [other for other in [*experts, *own_files] if other != name and name in other]
-        if clashes:
-            raise LoraError(
-                f"expert name {name!r} is part of {clashes}: mistral.rs reads every file whose name contains an "
-                "expert's name; rename the experts"
-            )
-    if config.xlora_depth == 2 and config.xlora_size != classifier.hidden_size:
-        raise LoraError(
-            f"mistral.rs 0.9.5 needs xlora_size == hidden_size ({classifier.hidden_size}) for a depth-2 "
-            f"classifier, got {config.xlora_size}"
-        )
-    for name, layer in state.layers:
-        if not isinstance(layer, LoraLinear):
-            raise LoraError(f"mistral.rs serves X-LoRA experts on linear layers; {name!r} is a {type(layer).__name__}")
+    _check_servable(model, experts)
     tensors = classifier_tensors(model, "xlora")
     if config.xlora_depth >= 3:  # mistral.rs numbers the hidden layers from 1 at depth 3 and more
         tensors = {_renumber_inner(key): value for key, value in tensors.items()}
@@ -84,6 +67,30 @@ def export_xlora_mistralrs(model: nn.Module, directory: str | os.PathLike, base_
     directory = as_path(directory, "directory")
     replace_files(directory, files)
     return directory / MISTRALRS_ORDERING_NAME
+
+
+def _check_servable(model: nn.Module, experts: list[str]) -> None:
+    """A `LoraError` for what mistral.rs 0.9.5 cannot serve (see `export_xlora_mistralrs`)."""
+    state = xlora_state(model)
+    config, classifier = state.config, getattr(model, CLASSIFIER_ATTR)
+    own_files = (XLORA_CONFIG_NAME, CLASSIFIER_NAME, MISTRALRS_ORDERING_NAME)
+    if config.enable_softmax_topk:
+        raise LoraError("mistral.rs 0.9.5 refuses enable_softmax_topk; export a config without it")
+    for name in experts:
+        clashes = [other for other in [*experts, *own_files] if other != name and name in other]
+        if clashes:
+            raise LoraError(
+                f"expert name {name!r} is part of {clashes}: mistral.rs reads every file whose name contains an "
+                "expert's name; rename the experts"
+            )
+    if config.xlora_depth == 2 and config.xlora_size != classifier.hidden_size:
+        raise LoraError(
+            f"mistral.rs 0.9.5 needs xlora_size == hidden_size ({classifier.hidden_size}) for a depth-2 "
+            f"classifier, got {config.xlora_size}"
+        )
+    for name, layer in state.layers:
+        if not isinstance(layer, LoraLinear):
+            raise LoraError(f"mistral.rs serves X-LoRA experts on linear layers; {name!r} is a {type(layer).__name__}")
 
 
 def _renumber_inner(key: str) -> str:

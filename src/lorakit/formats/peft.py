@@ -256,11 +256,7 @@ def plan_from_file(
         if located is not None:
             found.setdefault(located[0], {})[located[1]] = shape
             file_keys[located] = key
-    for field_name, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
-        _refuse_unplain(directory, field_name, list(patterns))
-    if config.layers_to_transform not in (None, []):
-        layers = [config.layers_pattern] if isinstance(config.layers_pattern, str) else config.layers_pattern or []
-        _refuse_unplain(directory, "layers_pattern", layers)
+    _refuse_patterns_lorakit_would_need(config, directory)
     if config.target_modules is None or (
         isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
     ):
@@ -323,8 +319,14 @@ def _expected_targets(config: LoraConfig, candidates: dict[str, nn.Module]) -> s
     return {name for name in candidates if is_targeted(config, name)}
 
 
-def _refuse_unplain(directory: Path, field_name: str, patterns: list[str]) -> None:
-    for pattern in patterns:
+def _refuse_patterns_lorakit_would_need(config: LoraConfig, directory: Path) -> None:
+    """A `LoraError` for a pattern that decides a rank, an alpha or a layer and is not plain."""
+    needed = [("rank_pattern", key) for key in config.rank_pattern]
+    needed += [("alpha_pattern", key) for key in config.alpha_pattern]
+    if config.layers_to_transform not in (None, []):
+        layers = [config.layers_pattern] if isinstance(config.layers_pattern, str) else config.layers_pattern or []
+        needed += [("layers_pattern", pattern) for pattern in layers]
+    for field_name, pattern in needed:
         if not is_plain_pattern(pattern):
             raise LoraError(
                 f"{directory}: {field_name} holds {pattern!r}, a regular expression; lorakit evaluates no pattern "
