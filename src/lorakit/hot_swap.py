@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._files import as_path
 from .config import LoraConfig, lora_scaling
 from .errors import AdapterError, LoraError
+from .formats.files import as_path
 from .formats.peft import adapter_parameters, plan_from_file, read_adapter_config
 from .formats.readers import CONFIG_NAME, match_keys_and_shapes, open_weights, quoted_list, resolve_adapter_dir
 from .layers import LoraLayer

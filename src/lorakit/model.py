@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._files import as_path
 from .config import LoraConfig
 from .errors import AdapterError, LoraError, MergeError
 from .layers import AdapterModule, LoraLayer, lora_layer_type_for
@@ -232,6 +231,7 @@ class AdapterSavePretrained:
         state_dict: Mapping[str, torch.Tensor] | None = None, push_to_hub: bool = False,
         selected_adapters: Sequence[str] | None = None, **ignored: Any,
     ) -> Path:  # fmt: skip
+        from .formats.files import as_path
         from .formats.peft import save_pretrained
 
         if push_to_hub:

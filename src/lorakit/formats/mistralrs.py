@@ -8,10 +8,10 @@ from pathlib import Path
 
 from torch import nn
 
-from .._files import as_path, replace_files
 from ..errors import LoraError
 from ..layers import LoraLinear
 from ..xlora import CLASSIFIER_ATTR, xlora_state
+from .files import as_path, replace_files
 from .peft import adapter_files
 from .xlora import CLASSIFIER_NAME, XLORA_CONFIG_NAME, check_expert_name, classifier_tensors
 

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._files import as_path, replace_files
 from ..config import PEFT_FIELDS_NOT_MODELED, LoraConfig
 from ..errors import AdapterError, LoraError
 from ..layers import LoraEmbedding, LoraLayer, lora_layer_type_for
@@ -41,6 +40,7 @@ from ..model import (
     watch_frozen_load,
 )
 from ..targets import candidate_modules, check_adaptable, is_plain_pattern, is_targeted, resolve_config
+from .files import as_path, replace_files
 from .readers import (
     CONFIG_NAME,
     PEFT_PREFIX,

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._files import as_path
 from ..errors import LoraError
+from .files import as_path
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"

@@ -35,10 +35,10 @@ from pathlib import Path, PureWindowsPath
 import torch
 from torch import nn
 
-from .._files import as_path, replace_files
 from ..errors import LoraConfigError, LoraError
 from ..model import is_lora_model, undo_on_failure
 from ..xlora import CLASSIFIER_ATTR, XLoraConfig, get_xlora_model, xlora_state
+from .files import as_path, replace_files
 from .peft import WEIGHTS_NAME, save_adapter
 from .readers import CONFIG_NAME, TensorFile, match_keys_and_shapes, read_json_object
 
