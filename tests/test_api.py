@@ -6,20 +6,12 @@ import copy
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertForSequenceClassification, LlamaForCausalLM
 
 import lorakit
 from lorakit import AdapterError, LoraConfig, LoraConfigError, LoraError, MergeError, TargetError
-
-
-def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32, **overrides,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
 
 
 def lora_names(model: nn.Module) -> list[str]:

@@ -8,21 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import lorakit
 from lorakit import LoraConfig, XLoraConfig
 from lorakit.layers.exact import merge_exactly
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
 
 
 def lora_llama() -> LlamaForCausalLM:

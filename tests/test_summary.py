@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
+from tiny_models import tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import lorakit
 from lorakit import AdapterError, LoraConfig, LoraError
@@ -18,15 +18,6 @@ BIG = LoraConfig(
     r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens"],
     rank_pattern={"o_proj": 16}, modules_to_save=["lm_head"],
 )  # fmt: skip
-
-
-def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32, **overrides,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
 
 
 def two_adapters() -> LlamaForCausalLM:

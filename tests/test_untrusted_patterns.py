@@ -15,21 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama
 
 import lorakit
 
 SLOW = "(.|.)*z"  # no module name holds a "z": every match fails after trying 2^len(name) ways
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
 
 
 @pytest.fixture(scope="module")

@@ -9,30 +9,12 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import tiny_bert, tiny_llama
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import lorakit
 from lorakit import AdapterError, LoraConfig, LoraConfigError, LoraError, TargetError
-
-
-def tiny_bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        max_position_embeddings=32, num_labels=3,
-    )  # fmt: skip
-    return BertForSequenceClassification(config)
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
-
 
 # ----- what the user typed ---------------------------------------------------------------------------------
 
