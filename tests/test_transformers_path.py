@@ -100,9 +100,22 @@ def test_save_pretrained_writes_the_adapter_and_no_base_weights(causal_base, tmp
     assert not any("base_layer" in key for key in saved)
 
 
-def test_transformers_alone_loads_save_pretrained_output_with_lorakits_logits(causal_base, tmp_path):
-    model = LlamaForCausalLM.from_pretrained(causal_base)
-    lorakit.get_lora_model(model, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+TRANSFORMERS_ALONE = {
+    "causal": (
+        "causal_base", LlamaForCausalLM, "AutoModelForCausalLM", {"target_modules": ["q_proj", "v_proj", "down_proj"]}
+    ),
+    "classifier-with-head": (
+        "classifier_base", LlamaForSequenceClassification, "AutoModelForSequenceClassification",
+        {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["score"], "task_type": "SEQ_CLS"},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(TRANSFORMERS_ALONE))
+def test_transformers_alone_loads_save_pretrained_output_with_lorakits_logits(case, request, tmp_path):
+    base, model_class, auto_class, fields = TRANSFORMERS_ALONE[case]
+    model = model_class.from_pretrained(request.getfixturevalue(base))
+    lorakit.get_lora_model(model, lorakit.LoraConfig(r=4, **fields))
     trained_like(model)
     model.save_pretrained(tmp_path / "adapter")
     ids = tokens(0)
@@ -110,8 +123,8 @@ def test_transformers_alone_loads_save_pretrained_output_with_lorakits_logits(ca
     loaded = in_a_transformers_only_process(
         f"""
         import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "adapter")!r}).eval()
+        from transformers import {auto_class}
+        model = {auto_class}.from_pretrained({str(tmp_path / "adapter")!r}).eval()
         with torch.no_grad():
             logits = model(input_ids=torch.tensor({ids.tolist()})).logits
         """,
@@ -120,29 +133,6 @@ def test_transformers_alone_loads_save_pretrained_output_with_lorakits_logits(ca
     torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-6)
     with lorakit.disable_adapters(model):
         assert not torch.allclose(outputs(model, ids), expected, atol=1e-3)  # the adapter matters
-
-
-def test_transformers_alone_loads_a_classifier_with_its_modules_to_save_head(classifier_base, tmp_path):
-    model = LlamaForSequenceClassification.from_pretrained(classifier_base)
-    config = lorakit.LoraConfig(
-        r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["score"], task_type="SEQ_CLS"
-    )
-    lorakit.get_lora_model(model, config)
-    trained_like(model)
-    model.save_pretrained(tmp_path / "adapter")
-    ids = tokens(1)
-    expected = outputs(model, ids)
-    loaded = in_a_transformers_only_process(
-        f"""
-        import torch
-        from transformers import AutoModelForSequenceClassification
-        model = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "adapter")!r}).eval()
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor({ids.tolist()})).logits
-        """,
-        tmp_path,
-    )
-    torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_several_adapters_save_as_peft_saves_them(causal_base, tmp_path):
