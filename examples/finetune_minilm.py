@@ -13,7 +13,7 @@ The run
       checks predictions again,
   (e) saves the training-loss curve as a PNG, and prints a summary.
 
-Run:  python examples/finetune_minilm.py                  (full run: about 2 minutes on 2 idle CPU cores)
+Run:  python examples/finetune_minilm.py                  (full run: 2-4 minutes on 2 idle CPU cores)
       python examples/finetune_minilm.py --quick          (the same code path on a small subset, for CI)
       python examples/finetune_minilm.py --output DIR     (where the adapter and the PNG go; default out/minilm-lora)
 
@@ -246,7 +246,8 @@ def reload_in_peft(adapter_dir: Path, num_labels: int, test: list[tuple], expect
     fresh = MeanPoolClassifier(load_minilm()[1], num_labels)
     reloaded = logits_of(peft.PeftModel.from_pretrained(fresh, adapter_dir), test)
     diff = (reloaded - expected).abs().max().item()
-    ok = torch.equal(reloaded.argmax(-1), expected.argmax(-1)) and diff <= 1e-5
+    # peft computes the same math in another order: equal to float32 rounding, relative to the logits' scale
+    ok = torch.equal(reloaded.argmax(-1), expected.argmax(-1)) and diff <= 1e-5 * max(1.0, expected.abs().max().item())
     print(f"adapter reloaded in peft: same predictions: {ok} (max |logit diff.| {diff:.1e})")
     return ok
 
