@@ -175,7 +175,8 @@ class LoraLayer(nn.Module):
     def rank_in_file(cls, shapes: dict[str, tuple[int, ...]]) -> int | None:
         """The rank of an adapter of this kind whose tensors in a file have `shapes` (keyed as in
         `adapter_parameters`), or None if the file lacks the tensor that tells. The default reads the first
-        axis of the first container's tensor (A is `(r, …)`); override it with `rank_layout`."""
+        axis of the first container's tensor (A is `(r, …)`); a kind whose A keeps the rank elsewhere overrides
+        this, as it overrides `rank_layout`."""
         first = cls.adapter_containers[0]
         shape = shapes.get(first) or shapes.get(f"{first}.weight")
         return shape[0] if shape else None
