@@ -10,7 +10,16 @@ from .formats.mistralrs import export_xlora_mistralrs
 from .formats.peft import load_adapter, lora_state_dict, read_adapter_config, save_adapter
 from .formats.xlora import load_xlora, save_xlora
 from .hot_swap import hot_swap_adapter
-from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, register_lora_layer
+from .kbit import prepare_model_for_kbit_training
+from .layers import (
+    LoraConv,
+    LoraEmbedding,
+    LoraLayer,
+    LoraLinear,
+    LoraQuantizedLinear,
+    UpdateRetention,
+    register_lora_layer,
+)
 from .layers.modules_to_save import ModulesToSave
 from .mixed import mixed_batch
 from .model import (
@@ -18,6 +27,7 @@ from .model import (
     adapter_names,
     add_adapter,
     delete_adapter,
+    dequantize,
     disable_adapters,
     get_lora_model,
     is_lora_model,
@@ -46,15 +56,18 @@ __all__ = [
     "LoraError",
     "LoraLayer",
     "LoraLinear",
+    "LoraQuantizedLinear",
     "MergeError",
     "ModelSummary",
     "ModulesToSave",
     "TargetError",
+    "UpdateRetention",
     "XLoraConfig",
     "active_adapters",
     "adapter_names",
     "add_adapter",
     "delete_adapter",
+    "dequantize",
     "disable_adapters",
     "export_xlora_mistralrs",
     "get_lora_model",
@@ -69,6 +82,7 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "mixed_batch",
+    "prepare_model_for_kbit_training",
     "read_adapter_config",
     "register_lora_layer",
     "remove_xlora",

@@ -91,6 +91,12 @@ class _LoraFields:
             raise LoraConfigError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in BIAS_MODES:
             raise LoraConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if self.init_lora_weights == "loftq":
+            raise LoraConfigError(
+                "init_lora_weights='loftq' (LoftQ, initialising A and B to absorb the quantization error) is not "
+                "supported: lorakit has no LoftQ initialisation. Initialise with True or 'gaussian'; an adapter file "
+                "trained from a LoftQ start loads like any other (lorakit.load_adapter)."
+            )
         if not any(self.init_lora_weights is m or self.init_lora_weights == m for m in INIT_MODES) or (
             not isinstance(self.init_lora_weights, (bool, str))  # 1 or 0.0 compare equal to True / False
         ):

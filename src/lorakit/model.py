@@ -24,10 +24,10 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterError, LoraError, MergeError
-from .layers import AdapterModule, LoraLayer, lora_layer_type_for
+from .layers import AdapterModule, LoraLayer, LoraLinear, LoraQuantizedLinear, lora_layer_type_for, weight_count
 from .layers.linear import is_transformers_conv1d
 from .layers.modules_to_save import ModulesToSave
-from .targets import find_targets, is_module_to_save, parameter_owners, resolve_config
+from .targets import candidate_modules, find_targets, is_module_to_save, parameter_owners, resolve_config
 
 BASE_ADAPTER_NAME = "__base__"  # reserved: "no adapter" in mixed batches
 _STATE_ATTR = "_lorakit_state"
@@ -455,9 +455,10 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """`(trainable, total)` parameter counts (each shared parameter counted once)."""
+    """`(trainable, total)` parameter counts (each shared parameter counted once; a packed 4-bit weight counts the
+    weights it holds, as peft counts them)."""
     params = list(check_module(model).parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return sum(weight_count(p) for p in params if p.requires_grad), sum(weight_count(p) for p in params)
 
 
 # ----- merge ----------------------------------------------------------------------------------------------
@@ -488,6 +489,29 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | str | None = None, sa
             layer.check_merge_finite(layer_names)
     for _, layer in layers:
         layer.merge([a for a in names if a in layer.r])
+    _warn_if_requantizing_lost_updates(layers)
+
+
+# A requantized merge that keeps less than this share of a layer's update is warned about.
+MIN_RETAINED_UPDATE = 0.5
+
+
+def _warn_if_requantizing_lost_updates(layers: list[tuple[str, LoraLayer]]) -> None:
+    retention = [
+        (name, layer.update_retention)
+        for name, layer in layers
+        if isinstance(layer, LoraQuantizedLinear) and layer.update_retention is not None
+    ]
+    lossy = sorted((kept.retained, name, kept) for name, kept in retention if kept.retained < MIN_RETAINED_UPDATE)
+    if lossy:
+        worst = "; ".join(f"{name} kept {kept.retained:.0%} (error {kept.error:.0%})" for _, name, kept in lossy[:5])
+        warnings.warn(
+            f"merging into quantized weights requantized them, and {len(lossy)} of {len(retention)} layers kept less "
+            f"than {MIN_RETAINED_UPDATE:.0%} of the adapter's update: {worst}. The merged model computes something "
+            "else than the adapter; keep the adapter unmerged, or merge into floating-point weights with "
+            "lorakit.merge_and_unload(model, dequantize=True).",
+            stacklevel=3,
+        )
 
 
 def _check_not_tied(layer_name: str, layer: LoraLayer, owners: dict[int, list[str]]) -> None:
@@ -508,13 +532,54 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | str | None = None) -> nn.Module:
+def merge_and_unload(
+    model: nn.Module, adapter_names: Sequence[str] | str | None = None, dequantize: bool = False
+) -> nn.Module:
     """Merge adapters into the base weights and replace every LoRA layer by its plain base module.
 
     `modules_to_save` wrappers become the active adapter's trained copy. Returns `model`, a plain model again.
+    A quantized base is requantized with the update, which may lose much of it (`merge` warns); with
+    `dequantize=True` the model is dequantized first (`lorakit.dequantize`) and the adapters merge exactly into
+    floating-point weights: the usual way to ship a model fine-tuned on a quantized base.
     """
+    if dequantize:
+        _dequantize(model, dtype=None)
     merge(model, adapter_names)
     return _unwrap(model, keep_trained_copies=True)
+
+
+def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every quantized linear layer lorakit adapts (bitsandbytes 4-bit and 8-bit, torchao int8) by a plain
+    `nn.Linear` computing with its dequantized weight `deq(W)`; return `model`.
+
+    LoRA layers on such bases keep their adapters, the same parameter objects, on the new base (a merged adapter
+    is unmerged first), so training, saving and merging go on exactly. `dtype` is that of the new weights; by
+    default the model's own (a transformers model's `config.dtype`, else the dtype each layer was quantized from).
+    A transformers model forgets its quantization config, so `save_pretrained` writes a plain checkpoint.
+    """
+    check_module(model)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise LoraError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    return _dequantize(model, dtype)
+
+
+def _dequantize(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    if dtype is None:
+        configured = getattr(getattr(model, "config", None), "dtype", None)
+        dtype = configured if isinstance(configured, torch.dtype) and configured.is_floating_point else None
+    parents = _parent_index(model)
+    for _, module in list(candidate_modules(model)):
+        if isinstance(module, LoraQuantizedLinear):
+            module.unmerge()
+            _replace(parents, module, module.moved_onto(LoraLinear, module.dequantized_base(dtype)))
+        elif not isinstance(module, LoraLayer):
+            layer_type = lora_layer_type_for(module)
+            if layer_type is not None and issubclass(layer_type, LoraQuantizedLinear):
+                _replace(parents, module, layer_type(module).dequantized_base(dtype))
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and callable(getattr(quantizer, "remove_quantization_config", None)):
+        quantizer.remove_quantization_config(model)
+    return model
 
 
 def unload(model: nn.Module) -> nn.Module:

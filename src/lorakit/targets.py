@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import TargetError
-from .layers import LoraLayer, lora_layer_type_for
+from .layers import QUANTIZED_BASES, LoraLayer, lora_layer_type_for, quantization_of
 from .layers.linear import is_transformers_conv1d
 from .layers.modules_to_save import ModulesToSave
 
@@ -231,24 +231,6 @@ def _span(indices: list[int]) -> str:
     return f"{indices[0]}–{indices[-1]}" if contiguous and len(indices) > 2 else ", ".join(map(str, indices))
 
 
-def quantized_layer_kind(module: nn.Module) -> str | None:
-    """What quantizes `module`'s weight ("bitsandbytes", "torchao", "torch quantization", or its integer
-    dtype), or None for a layer with a plain floating weight. lorakit cannot adapt quantized layers yet."""
-    module_path = type(module).__module__
-    if module_path.split(".")[0] == "bitsandbytes":
-        return "bitsandbytes"
-    if module_path.startswith(("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")):
-        return "torch quantization"
-    weight = module._parameters.get("weight")
-    if weight is None:
-        return None
-    if type(weight).__module__.split(".")[0] == "torchao":  # a torchao tensor subclass (int8, int4, float8…)
-        return "torchao"
-    if not weight.is_floating_point():
-        return f"{weight.dtype} weights"
-    return None
-
-
 def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     """The `(name, module)` pairs `config` targets; a clear `TargetError` if none or one is unsupported."""
     candidates = list(candidate_modules(model))
@@ -262,21 +244,21 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
 
 def check_adaptable(name: str, module: nn.Module) -> None:
     """A `TargetError` naming module `name` and its type if lorakit cannot put LoRA on it."""
-    if isinstance(module, LoraLayer):
+    if isinstance(module, LoraLayer) or lora_layer_type_for(module) is not None:
         return
-    kind = quantized_layer_kind(module)
     type_name = f"{type(module).__module__}.{type(module).__qualname__}"
-    if kind is not None:
+    quantization = quantization_of(module)
+    if quantization is not None:
         raise TargetError(
-            f"module {name!r} is a quantized layer ({type_name}, {kind}): lorakit cannot put LoRA on quantized "
-            "base layers yet. Target the model before quantizing it, or leave this module out of target_modules."
+            f"module {name!r} is a quantized layer ({type_name}, {quantization}) that lorakit has no LoRA layer for. "
+            f"lorakit adapts {QUANTIZED_BASES}. Target the model before quantizing it, leave this module out of "
+            "target_modules, or add support with lorakit.register_lora_layer(YourType, YourLoraLayer)."
         )
-    if lora_layer_type_for(module) is None:
-        raise TargetError(
-            f"module {name!r} of type {type_name} is targeted, but lorakit has no LoRA layer for that type. Target "
-            "its Linear/Conv/Embedding children instead, or add support with "
-            "lorakit.register_lora_layer(YourType, YourLoraLayer)."
-        )
+    raise TargetError(
+        f"module {name!r} of type {type_name} is targeted, but lorakit has no LoRA layer for that type. Target "
+        "its Linear/Conv/Embedding children instead, or add support with "
+        "lorakit.register_lora_layer(YourType, YourLoraLayer)."
+    )
 
 
 def is_plain_pattern(pattern: str) -> bool:

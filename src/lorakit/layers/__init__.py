@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from torch import nn
 
 from ..errors import LoraError
@@ -9,18 +11,24 @@ from .base import AdapterModule, LoraLayer, adapter_dtype
 from .conv import LoraConv
 from .embedding import LoraEmbedding
 from .linear import LoraLinear, is_transformers_conv1d
+from .quantized import QUANTIZED_BASES, LoraQuantizedLinear, UpdateRetention, quantization_of, weight_count
 from .stack import AdapterStack
 
 __all__ = [
+    "QUANTIZED_BASES",
     "AdapterModule",
     "AdapterStack",
     "LoraConv",
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraQuantizedLinear",
+    "UpdateRetention",
     "adapter_dtype",
     "lora_layer_type_for",
+    "quantization_of",
     "register_lora_layer",
+    "weight_count",
 ]
 
 _LAYER_TYPES: dict[type[nn.Module], type[LoraLayer]] = {
@@ -49,9 +57,40 @@ def register_lora_layer(base_type: type[nn.Module], lora_type: type[LoraLayer]) 
 
 def lora_layer_type_for(module: nn.Module) -> type[LoraLayer] | None:
     """The LoRA layer class for `module`, or None when lorakit cannot adapt it."""
+    found: type[LoraLayer] | None = None
     for cls in type(module).__mro__:
         if cls in _LAYER_TYPES:
-            return _LAYER_TYPES[cls]
-    if is_transformers_conv1d(module):
-        return LoraLinear
-    return None
+            found = _LAYER_TYPES[cls]
+            break
+        optional = _OPTIONAL_LAYER_TYPES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if optional is not None:
+            return _import_layer_type(*optional)
+    else:
+        if is_transformers_conv1d(module):
+            found = LoraLinear
+    if found in _FLOAT_LAYER_TYPES and quantization_of(module) is not None:
+        return _quantized_weight_layer_type(module)
+    return found
+
+
+# LoRA layers for quantized layers of optional libraries, by the base class's qualified name: their module
+# (importing the library) is loaded only when a model has such a layer.
+_OPTIONAL_LAYER_TYPES: dict[str, tuple[str, str]] = {
+    "bitsandbytes.nn.modules.Linear4bit": ("bnb", "LoraLinear4bit"),
+    "bitsandbytes.nn.modules.Linear8bitLt": ("bnb", "LoraLinear8bitLt"),
+}
+_FLOAT_LAYER_TYPES = (LoraLinear, LoraEmbedding, LoraConv)
+
+
+def _import_layer_type(module_name: str, class_name: str) -> type[LoraLayer]:
+    return getattr(importlib.import_module(f"{__name__}.{module_name}"), class_name)
+
+
+def _quantized_weight_layer_type(module: nn.Module) -> type[LoraLayer] | None:
+    """For a built-in module kind whose weight is quantized: torchao's int8 weight-only `nn.Linear`, else None."""
+    weight_library = type(module._parameters.get("weight")).__module__.split(".")[0]
+    if weight_library != "torchao" or not isinstance(module, nn.Linear):
+        return None
+    from .torchao import LoraTorchaoInt8Linear, is_int8_weight_only
+
+    return LoraTorchaoInt8Linear if is_int8_weight_only(module.weight) else None

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import LoraConfig, lora_scaling
 from ..errors import AdapterError, LoraError, MergeError
-from .exact import MergeResidual, merge_exactly, merged_value, unmerge_exactly
+from .exact import merge_exactly, merged_value, unmerge_exactly
 from .stack import AdapterStack, add_stacked_output, build_stack
 
 
@@ -87,7 +87,7 @@ class LoraLayer(nn.Module):
         # Adapters whose branch the forward computes: active, not merged, not disabled. Kept as a list
         # so the forward does no bookkeeping (and torch.compile guards on a plain list).
         self.forward_adapters: list[str] = []
-        self._residuals: dict[str, MergeResidual] = {}
+        self._residuals: dict[str, Any] = {}  # base parameter → what restores it (a MergeResidual by default)
         self.adapter_stack: AdapterStack | None = None  # set while a mixed batch or X-LoRA runs the layer
 
     def __getattr__(self, name: str) -> Any:
@@ -189,6 +189,10 @@ class LoraLayer(nn.Module):
                     f"cannot merge adapter {name!r} into {type(self.base_layer).__name__}.{param_name}, a "
                     f"{param.dtype} tensor: merging needs floating-point base weights"
                 )
+        self.check_lora_bias_mergeable(name)
+
+    def check_lora_bias_mergeable(self, name: str) -> None:
+        """Raise `MergeError` if adapter `name` has a `lora_B` bias and the base layer no bias to merge it into."""
         if self.lora_bias.get(name) and getattr(self.base_layer, "bias", None) is None:
             raise MergeError(
                 f"adapter {name!r} has lora_bias=True but the base {type(self.base_layer).__name__} has no bias "
@@ -238,6 +242,21 @@ class LoraLayer(nn.Module):
                 for param_name, param in item.named_parameters():
                     params[f"{container}.{param_name}"] = param
         return params
+
+    def moved_onto(self, lora_type: type[LoraLayer], base_layer: nn.Module) -> LoraLayer:
+        """A `lora_type` layer around `base_layer` holding this layer's adapters (the same parameter objects),
+        their settings and its active and disabled state. Nothing may be merged. `lorakit.dequantize` uses it to
+        put a layer's adapters on the dequantized copy of its base."""
+        if self.merged_adapters:
+            raise MergeError(f"cannot move merged adapters {self.merged_adapters}; unmerge first")
+        moved = lora_type(base_layer)
+        for container in self.adapter_containers:
+            setattr(moved, container, getattr(self, container))
+        for table in ("r", "lora_alpha", "scaling", "lora_dropout_p", "lora_bias"):
+            setattr(moved, table, dict(getattr(self, table)))
+        moved.set_disabled(self.disabled)
+        moved.set_active(self.active_adapters)
+        return moved.train(self.training)
 
     def set_active(self, names: list[str]) -> None:
         """Make `names` (those this layer has) the active adapters, in order."""
@@ -316,8 +335,23 @@ class LoraLayer(nn.Module):
         """Raise `MergeError` if merging `names` would put a non-finite value in a base parameter."""
         with torch.no_grad():
             for param_name, delta in self._summed_deltas(self.merged_adapters + names).items():
-                if not torch.isfinite(merged_value(self._base_param(param_name), delta)).all():
+                if not torch.isfinite(self.merged_parameter(param_name, delta)).all():
                     raise MergeError(f"merging adapters {names} gives non-finite values in {param_name!r}")
+
+    # How one base parameter takes an update and gives it back. A layer whose base stores a parameter in
+    # another form (quantized weights, layers/quantized.py) overrides these three.
+
+    def merged_parameter(self, param_name: str, delta: torch.Tensor) -> torch.Tensor:
+        """The value base parameter `param_name` would hold with `delta` merged (nothing is written)."""
+        return merged_value(self._base_param(param_name), delta)
+
+    def merge_parameter(self, param_name: str, delta: torch.Tensor) -> Any:
+        """Add `delta` to base parameter `param_name`; return what `restore_parameter` needs to undo it exactly."""
+        return merge_exactly(self._base_param(param_name).data, delta)
+
+    def restore_parameter(self, param_name: str, delta: torch.Tensor, residual: Any) -> None:
+        """Undo `merge_parameter(param_name, delta)`, restoring every bit."""
+        unmerge_exactly(self._base_param(param_name).data, delta, residual)
 
     def merge(self, names: list[str]) -> None:
         """Merge adapters `names` into the base parameters. Already merged ones are skipped (a no-op).
@@ -335,7 +369,7 @@ class LoraLayer(nn.Module):
                 self._restore()
             merged = self.merged_adapters + names
             for param_name, delta in self._summed_deltas(merged).items():
-                self._residuals[param_name] = merge_exactly(self._base_param(param_name).data, delta)
+                self._residuals[param_name] = self.merge_parameter(param_name, delta)
         self.merged_adapters = merged
         self._update_forward_adapters()
 
@@ -350,7 +384,7 @@ class LoraLayer(nn.Module):
 
     def _restore(self) -> None:
         for param_name, delta in self._summed_deltas(self.merged_adapters).items():
-            unmerge_exactly(self._base_param(param_name).data, delta, self._residuals[param_name])
+            self.restore_parameter(param_name, delta, self._residuals[param_name])
             del self._residuals[param_name]  # only once restored: a failed restore can be retried
 
     def drop_merge_residuals(self) -> None:

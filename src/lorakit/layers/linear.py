@@ -36,12 +36,14 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = is_transformers_conv1d(base_layer)
-        weight = base_layer.weight
-        self.in_features, self.out_features = (
-            weight.shape if self.fan_in_fan_out else (weight.shape[1], weight.shape[0])
-        )
+        self.in_features, self.out_features = self.base_features(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+
+    def base_features(self, base_layer: nn.Module) -> tuple[int, int]:
+        """`(in, out)` of the base layer, read from its weight's shape (`(in, out)` for Conv1D)."""
+        weight = base_layer.weight
+        return tuple(weight.shape) if self.fan_in_fan_out else (weight.shape[1], weight.shape[0])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not args and not kwargs:
