@@ -59,6 +59,10 @@ BAD_CALLS: list[tuple[str, Callable[[Path], object]]] = [
     ("unmerge: a plain model", lambda _: lorakit.unmerge(tiny_llama())),
     ("merge_and_unload: a plain model", lambda _: lorakit.merge_and_unload(tiny_llama())),
     ("unload: a plain model", lambda _: lorakit.unload(tiny_llama())),
+    ("dequantize: not a module", lambda _: lorakit.dequantize("a model")),
+    ("dequantize: an integer dtype", lambda _: lorakit.dequantize(tiny_llama(), dtype=torch.int8)),
+    ("dequantize: a dtype name", lambda _: lorakit.dequantize(tiny_llama(), dtype="bfloat16")),
+    ("prepare for k-bit training: not a module", lambda _: lorakit.prepare_model_for_kbit_training(None)),
     ("disable: a plain model", lambda _: lorakit.disable_adapters(tiny_llama()).__enter__()),
     (
         "merge_exactly: an integer weight",

@@ -68,12 +68,17 @@ def build_base(directory: Path) -> LlamaForCausalLM:
         initializer_range=0.2,  # clear margins between the top logits, so greedy choices are stable
     )  # fmt: skip
     model = LlamaForCausalLM(config).eval()
+    save_for_mistralrs(model, directory)
+    return model
+
+
+def save_for_mistralrs(model: LlamaForCausalLM, directory: Path) -> None:
+    """`save_pretrained`, with `rope_theta` also at the top level of config.json, where mistral.rs reads it."""
     model.save_pretrained(directory)
     config_path = directory / "config.json"
     saved = json.loads(config_path.read_text())
     saved["rope_theta"] = (saved.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     config_path.write_text(json.dumps(saved))
-    return model
 
 
 def greedy(model: torch.nn.Module, prompt_ids: list[int]) -> list[int]:
@@ -140,3 +145,48 @@ def test_mistralrs_serves_a_lorakit_adapter(tmp_path, monkeypatch):
     assert served_greedy(served, "trained") == lora_tokens
     assert served_greedy(served, None) == base_tokens
     assert os.path.isfile(adapter_dir / "adapter_model.safetensors")
+
+
+def test_mistralrs_serves_an_adapter_trained_on_a_4bit_base(tmp_path, monkeypatch):
+    """QLoRA's usual path: train on the 4-bit base, ship the adapter with the dequantized base (the weights the
+    adapter was trained against), and serve it there with the tokens lorakit gives."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    monkeypatch.setenv("MISTRALRS_CPU_KV_F32", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    float_dir, base_dir, adapter_dir = tmp_path / "float", tmp_path / "dequantized", tmp_path / "adapter"
+    float_dir.mkdir()
+    build_base(float_dir)
+    tokenizer = build_tokenizer(float_dir)
+    prompt_ids = tokenizer.encode(PROMPT).ids
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=quantization, device_map="cpu")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    lorakit.get_lora_model(model, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    batch = torch.tensor([tokenizer.encode(text).ids[:8] for text in CORPUS[:6]])
+    model.train()
+    for _ in range(5):
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    lorakit.save_adapter(model, adapter_dir)
+    trained_tokens = greedy(model.eval(), prompt_ids)
+
+    lorakit.dequantize(model)
+    assert greedy(model, prompt_ids) == trained_tokens
+    with lorakit.disable_adapters(model):
+        base_tokens = greedy(model, prompt_ids)
+    assert base_tokens != trained_tokens, "the trained adapter should change the greedy tokens"
+    save_for_mistralrs(lorakit.unload(model), base_dir)
+    build_tokenizer(base_dir)
+
+    served = mistralrs.Runner(
+        which=mistralrs.Which.Lora(model_id=str(base_dir), adapters=[mistralrs.LoraAdapter("qlora", str(adapter_dir))],
+                                   arch=mistralrs.Architecture.Llama, dtype=mistralrs.ModelDType.F32)
+    )  # fmt: skip
+    assert served_greedy(served, "qlora") == trained_tokens
+    assert served_greedy(served, None) == base_tokens

@@ -10,7 +10,6 @@ import warnings
 import pytest
 import torch
 from tiny_models import tiny_bert, tiny_llama
-from torch import nn
 from transformers import LlamaForCausalLM
 
 import lorakit
@@ -164,7 +163,7 @@ def test_the_frozen_load_check_steps_aside_once_something_trains(tmp_path):
         model(input_ids=torch.randint(0, 64, (1, 5)))
 
 
-# ----- files, dtypes, quantized layers ---------------------------------------------------------------------------
+# ----- files, dtypes ---------------------------------------------------------------------------------------------
 
 
 def test_saving_to_a_path_that_is_a_file_is_a_lora_error(tmp_path):
@@ -192,47 +191,3 @@ def test_casting_the_model_casts_the_adapters_and_converting_after_keeps_float32
 
     cast_first = lorakit.get_lora_model(tiny_llama().to(torch.bfloat16), LoraConfig(r=4, target_modules=["q_proj"]))
     assert {p.dtype for p in lorakit.lora_state_dict(cast_first).values()} == {torch.float32}
-
-
-def _bitsandbytes_4bit() -> nn.Module:
-    bnb = pytest.importorskip("bitsandbytes")
-    layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32)
-    layer.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4")
-    return layer.to("cpu")  # quantizes: the weight is now packed, (2048, 1) uint8
-
-
-def _bitsandbytes_8bit() -> nn.Module:
-    bnb = pytest.importorskip("bitsandbytes")
-    return bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False).to("cpu")
-
-
-def _torchao_int8() -> nn.Module:
-    quantization = pytest.importorskip("torchao.quantization")
-    holder = nn.Sequential(nn.Linear(64, 64))
-    quantization.quantize_(holder, quantization.Int8WeightOnlyConfig())
-    return holder[0]
-
-
-def _torch_dynamic_int8() -> nn.Module:
-    return torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(64, 64)), {nn.Linear}, dtype=torch.qint8)[0]
-
-
-@pytest.mark.parametrize(
-    ("make", "kind"),
-    [
-        (_bitsandbytes_4bit, "bitsandbytes"),
-        (_bitsandbytes_8bit, "bitsandbytes"),
-        (_torchao_int8, "torchao"),
-        (_torch_dynamic_int8, "torch quantization"),
-    ],
-)
-@pytest.mark.parametrize("targets", [["proj"], "all-linear"])
-def test_quantized_layers_are_refused_at_conversion_naming_the_type(make, kind, targets):
-    model = nn.ModuleDict({"proj": make(), "head": nn.Linear(64, 4)})
-    if targets == "all-linear" and not isinstance(model["proj"], nn.Linear):
-        targets = ["proj", "head"]  # torch's quantized Linear is no nn.Linear: all-linear would skip it
-    with pytest.raises(TargetError) as raised:
-        lorakit.get_lora_model(model, LoraConfig(r=4, target_modules=targets))
-    message = str(raised.value)
-    assert f"module 'proj' is a quantized layer ({type(model['proj']).__module__}" in message and kind in message
-    assert not lorakit.is_lora_model(model) and not list(lorakit.lora_layers(model))
