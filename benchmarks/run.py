@@ -7,8 +7,9 @@
     python benchmarks/run.py --write BENCHMARKS.md    # also replace the preset's generated section there
 
 Benchmarks (one module each in benchmarks/, shared timing and tables in harness.py, presets in workloads.py):
-train, inference, merge, convert, memory, mixed_batch, xlora. Contenders are interleaved over several rounds in one
-run and compared by per-round ratios; run it on a quiet machine, as anything else running skews the ratios.
+train, inference, merge, convert, memory, mixed_batch, xlora, quantized (LoRA on bitsandbytes nf4/int8 and torchao int8
+bases). Contenders are interleaved over several rounds in one run and compared by per-round ratios; run it on a quiet
+machine, as anything else running skews the ratios.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import inference  # noqa: E402
 import memory  # noqa: E402
 import merge  # noqa: E402
 import mixed_batch  # noqa: E402
+import quantized  # noqa: E402
 import train  # noqa: E402
 import xlora  # noqa: E402
 from workloads import PRESETS, Preset, torch_dtype  # noqa: E402
@@ -49,6 +51,7 @@ BENCHMARKS: dict[str, Callable[[Preset], str]] = {
     "memory": memory.run,
     "mixed_batch": mixed_batch.run,
     "xlora": xlora.run,
+    "quantized": quantized.run,
 }
 
 
@@ -58,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", help="override the preset's device (e.g. --preset tiny --device cuda)")
     parser.add_argument("--only", help=f"comma-separated benchmarks to run (default all: {','.join(BENCHMARKS)})")
     parser.add_argument("--dtypes", help="override the preset's dtypes, comma-separated (e.g. float32)")
-    parser.add_argument("--rounds", type=int, help="override the preset's rounds (train, inference, merge)")
+    parser.add_argument("--rounds", type=int, help="override the preset's rounds (train, inference, merge, quantized)")
     parser.add_argument("--repeats", type=int, help="override the preset's repeats per round")
     parser.add_argument("--write", type=Path, metavar="PATH", help="replace the preset's generated section in PATH")
     args = parser.parse_args(argv)

@@ -132,6 +132,67 @@ def build_base(preset: Preset, dtype: torch.dtype, seed: int = 0) -> LlamaModel:
         return LlamaModel(preset.model.config())
 
 
+#: The quantized bases of the quantized benchmark, by name: what `quantized_base` builds.
+QUANTIZATIONS: dict[str, str] = {
+    "nf4": "bitsandbytes nf4",
+    "bnb-int8": "bitsandbytes int8",
+    "torchao-int8": "torchao int8",
+}
+
+
+def _bnb_linear(linear: nn.Linear, quantization: str, device: torch.device | str) -> nn.Module:
+    """A bitsandbytes copy of `linear` on `device`: `Linear4bit` (nf4, double quantization, bfloat16 compute) or
+    `Linear8bitLt` (int8 weights, no outlier threshold). Moving it to the device quantizes its weight, which
+    bitsandbytes' `Int8Params` only does from the CPU, hence the float weight's trip there."""
+    import bitsandbytes as bnb
+
+    weight = linear.weight.detach().to("cpu")
+    has_bias = linear.bias is not None
+    if quantization == "nf4":
+        quantized = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=has_bias, compute_dtype=torch.bfloat16,
+            compress_statistics=True, quant_type="nf4", device="meta",
+        )  # fmt: skip
+        quantized.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")
+    elif quantization == "bnb-int8":
+        quantized = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, threshold=0.0,
+            device="meta",
+        )  # fmt: skip
+        quantized.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        raise ValueError(f"not a bitsandbytes quantization: {quantization!r}")
+    if has_bias:
+        quantized.bias = nn.Parameter(linear.bias.detach().to("cpu"), requires_grad=linear.bias.requires_grad)
+    return quantized.to(device)
+
+
+def quantized_base(preset: Preset, quantization: str, seed: int = 0) -> LlamaModel:
+    """The preset's bfloat16 base (`build_base`, the same `seed` giving the same float weights) with every linear
+    layer of its decoder layers quantized, by `quantization` (a key of `QUANTIZATIONS`):
+
+    - "nf4": bitsandbytes `Linear4bit`, nf4 with double quantization and a bfloat16 compute dtype (the usual
+      QLoRA setting of transformers' `BitsAndBytesConfig`);
+    - "bnb-int8": bitsandbytes `Linear8bitLt` with int8 weights (`has_fp16_weights=False`), outlier threshold 0;
+    - "torchao-int8": torchao's `quantize_(model, Int8WeightOnlyConfig())`, int8 weights in an `nn.Linear`.
+
+    The rest (embeddings, norms) stays bfloat16; the model is in training mode.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; choose from {', '.join(QUANTIZATIONS)}")
+    model = build_base(preset, torch.bfloat16, seed)
+    if quantization == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model, Int8WeightOnlyConfig())
+    else:
+        for parent in list(model.layers.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(parent, name, _bnb_linear(child, quantization, preset.device))
+    return model.train()
+
+
 def embeds(preset: Preset, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
     """The input of every forward: `inputs_embeds` of shape (batch, seq, hidden)."""
     torch.manual_seed(seed)
