@@ -41,13 +41,17 @@ def test_readme_blocks_run(capsys):
     # save_pretrained: adapter "default" at the top, the others in subdirectories
     assert "['adapter_config.json', 'adapter_model.safetensors', 'other']" in printed
     assert "did you mean 'target_modules'" in printed
+    # QLoRA: a 4-bit base, unmerge restores the packed bytes, dequantize ships a float model
+    assert "LoraLinear4bit" in printed and "update survived" in printed
+    assert "True\nLinear torch.float32" in printed
     assert "target_modules entries ['qproj'] matched no module" in printed
 
 
 def test_readme_sections_come_in_a_newcomers_order():
     headings = re.findall(r"^## (.+)$", README.read_text(), flags=re.MULTILINE)
     wanted = ["Two commands", "Install", "Quick start", "transformers and Trainer", "Saving and loading",
-              "peft and mistral.rs", "Many adapters", "Errors", "Benchmarks", "The demo, in detail"]  # fmt: skip
+              "peft and mistral.rs", "Quantized bases", "Many adapters", "Errors", "Benchmarks",
+              "The demo, in detail"]  # fmt: skip
     positions = [next(i for i, h in enumerate(headings) if h.startswith(w)) for w in wanted]
     assert positions == sorted(positions), headings
 
