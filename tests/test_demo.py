@@ -42,3 +42,28 @@ def test_demo_quick(tmp_path: Path) -> None:
     # stderr is a pipe, not a terminal: one plain line per epoch, no progress bar redrawn with carriage returns
     assert "\r" not in stderr
     assert "LoRA fine-tuning: epoch 1/1, " in stderr
+
+
+def test_demo_quick_nf4(tmp_path: Path) -> None:
+    """The same run on a 4-bit nf4 base (QLoRA): unmerge restores every 4-bit byte, the float merge and the reloads
+    (lorakit and peft, onto fresh 4-bit bases) predict what the trained model predicts."""
+    pytest.importorskip("bitsandbytes")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    result = subprocess.run(
+        [sys.executable, str(DEMO), "--quick", "--quantize", "nf4", "--output", str(tmp_path)],
+        capture_output=True,
+        env=env,
+        timeout=900,
+    )
+    stdout, stderr = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, f"stdout:\n{stdout}\nstderr:\n{stderr}"
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert "the encoder's 36 Linear layers in 4-bit nf4" in stdout
+    assert "linear probe (frozen nf4 encoder" in stdout
+    assert "merged (4-bit weights requantized) vs unmerged: predictions agree on " in stdout
+    assert "unmerge restored every 4-bit weight byte and its quantization state bit for bit: True" in stdout
+    assert "same predictions as the unmerged 4-bit LoRA model: True" in stdout
+    assert "merge check passed" in stdout
+    assert "adapter reloaded into a fresh nf4 model: same predictions: True" in stdout
+    assert "adapter reloaded in peft onto a fresh 4-bit base: same predictions: True" in stdout
+    assert "nf4 base: held-out accuracy " in stdout
