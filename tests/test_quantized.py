@@ -411,6 +411,20 @@ def test_merge_and_unload_dequantize_gives_a_float_model_with_the_adapter_merged
     torch.testing.assert_close(logits(reloaded.train()), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_merge_and_unload_dequantize_refuses_before_changing_anything(llama_dir):
+    plain = load(llama_dir, "nf4")
+    with pytest.raises(lorakit.LoraError, match="not a LoRA model"):
+        lorakit.merge_and_unload(plain, dequantize=True)
+    _, model = pair(llama_dir, "nf4")
+    with pytest.raises(lorakit.AdapterError, match="nope"):
+        lorakit.merge_and_unload(model, "nope", dequantize=True)
+    for quantized in (plain, model):
+        assert len(quantized_layers(quantized)) == 2 * len(TARGETS)
+    with pytest.raises(lorakit.LoraError, match="has_fp16_weights=True"):
+        lorakit.get_lora_model(nn.ModuleDict({"proj": bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=True)}),
+                               LoraConfig(r=2, target_modules=["proj"]))  # fmt: skip
+
+
 def test_dequantize_keeps_the_adapters_and_their_training(llama_dir):
     _, model = pair(llama_dir, "nf4")
     expected = logits(model.eval()).detach()
@@ -502,5 +516,5 @@ def test_loftq_is_refused_by_name_and_a_loftq_adapter_file_loads(llama_dir, tmp_
     config = config_path.read_text().replace('"init_lora_weights": false', '"init_lora_weights": "loftq"')
     assert '"loftq"' in config
     config_path.write_text(config)
-    loaded = lorakit.load_adapter(load(llama_dir, None), tmp_path)
-    torch.testing.assert_close(logits(loaded), logits(model))
+    loaded = lorakit.load_adapter(load(llama_dir, None).eval(), tmp_path)
+    torch.testing.assert_close(logits(loaded), logits(model.eval()))

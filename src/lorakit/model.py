@@ -543,6 +543,9 @@ def merge_and_unload(
     floating-point weights: the usual way to ship a model fine-tuned on a quantized base.
     """
     if dequantize:
+        state = lora_state(model)  # what merge would refuse is refused before anything is dequantized
+        if adapter_names is not None:
+            _existing(state, adapter_names)
         _dequantize(model, dtype=None)
     merge(model, adapter_names)
     return _unwrap(model, keep_trained_copies=True)

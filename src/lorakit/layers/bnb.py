@@ -21,6 +21,7 @@ import bitsandbytes.functional as bnb_functional
 import torch
 from torch import nn
 
+from ..errors import LoraError
 from .quantized import LoraQuantizedLinear, QuantizedOriginal, tensor_bytes
 
 
@@ -68,6 +69,14 @@ class LoraLinear4bit(LoraQuantizedLinear):
 
 class LoraLinear8bitLt(LoraQuantizedLinear):
     """LoRA around a bitsandbytes `Linear8bitLt` with int8 weights (`has_fp16_weights=False`)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        if base_layer.state.has_fp16_weights:
+            raise LoraError(
+                "a bitsandbytes Linear8bitLt with has_fp16_weights=True keeps (and trains) float16 weights: lorakit "
+                "adapts the int8 layers that has_fp16_weights=False (transformers' load_in_8bit) gives"
+            )
+        super().__init__(base_layer)
 
     @property
     def dequantized_dtype(self) -> torch.dtype:
