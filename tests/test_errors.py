@@ -63,6 +63,8 @@ BAD_CALLS: list[tuple[str, Callable[[Path], object]]] = [
     ("dequantize: an integer dtype", lambda _: lorakit.dequantize(tiny_llama(), dtype=torch.int8)),
     ("dequantize: a dtype name", lambda _: lorakit.dequantize(tiny_llama(), dtype="bfloat16")),
     ("prepare for k-bit training: not a module", lambda _: lorakit.prepare_model_for_kbit_training(None)),
+    ("LoRA+: a plain model", lambda _: lorakit.lora_plus_param_groups(tiny_llama(), lr=1e-3)),
+    ("LoRA+: a learning rate of zero", lambda _: lorakit.lora_plus_param_groups(lora_llama(), lr=0.0)),
     ("disable: a plain model", lambda _: lorakit.disable_adapters(tiny_llama()).__enter__()),
     (
         "merge_exactly: an integer weight",

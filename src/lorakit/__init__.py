@@ -21,6 +21,7 @@ from .layers import (
     register_lora_layer,
 )
 from .layers.modules_to_save import ModulesToSave
+from .lora_plus import lora_plus_param_groups
 from .mixed import mixed_batch
 from .model import (
     active_adapters,
@@ -76,6 +77,7 @@ __all__ = [
     "is_lora_model",
     "latest_scalings",
     "lora_layers",
+    "lora_plus_param_groups",
     "load_adapter",
     "load_xlora",
     "lora_state_dict",
