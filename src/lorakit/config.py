@@ -52,6 +52,28 @@ PEFT_FIELDS_NOT_MODELED: dict[str, tuple[Any, bool]] = {
     "use_qalora": (False, True),
     "velora_config": (None, True),
 }
+# peft 0.21's other initialisations, which lorakit does not have: what each is, and what to do instead.
+_INITS_NOT_SUPPORTED = {
+    "loftq": "LoftQ: A and B fitted to a quantized base's error; peft's needs CUDA. An adapter file trained from "
+    "a LoftQ start loads like any other, onto the base it was trained with",
+    "eva": "EVA: A from the activations of data, which needs a data loader. A trained EVA adapter file loads like "
+    "any other",
+    "corda": "CorDA: A and B from the covariance of data, which needs a data loader and changes the base weights",
+    "pissa": "PiSSA: A and B from the SVD of W, and the base keeps the residual. A PiSSA adapter converted to a "
+    "plain LoRA of the original weights (peft's path_initial_model_for_weight_conversion) loads",
+    "olora": "OLoRA: A and B from a QR decomposition of W, and the base keeps the residual",
+    "orthogonal": "orthogonal A and B. A trained adapter file that names it loads like any other",
+    "mica": "MiCA. A trained adapter file that names it loads like any other",
+}
+
+
+def _unsupported_init(value: object) -> str | None:
+    """What peft's init scheme `value` is, if lorakit does not have it; else None."""
+    if not isinstance(value, str):
+        return None
+    return _INITS_NOT_SUPPORTED.get("pissa" if value.startswith("pissa_niter_") else value)
+
+
 # Written by peft into every config; checked (`peft_type`) or ignored (`peft_version`).
 _PEFT_BOOKKEEPING = ("peft_type", "peft_version")
 
@@ -91,11 +113,11 @@ class _LoraFields:
             raise LoraConfigError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in BIAS_MODES:
             raise LoraConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if self.init_lora_weights == "loftq":
+        unsupported = _unsupported_init(self.init_lora_weights)
+        if unsupported is not None:
             raise LoraConfigError(
-                "init_lora_weights='loftq' (LoftQ, initialising A and B to absorb the quantization error) is not "
-                "supported: lorakit has no LoftQ initialisation. Initialise with True or 'gaussian'; an adapter file "
-                "trained from a LoftQ start loads like any other (lorakit.load_adapter)."
+                f"init_lora_weights={self.init_lora_weights!r} ({unsupported}) is not supported by lorakit; "
+                "initialise with True or 'gaussian'"
             )
         if not any(self.init_lora_weights is m or self.init_lora_weights == m for m in INIT_MODES) or (
             not isinstance(self.init_lora_weights, (bool, str))  # 1 or 0.0 compare equal to True / False

@@ -55,7 +55,7 @@ from .readers import (
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 # init schemes that only shape the starting point of A and B: a trained adapter loads like any other.
-_WEIGHT_ONLY_INITS = ("eva", "orthogonal", "loftq")
+_WEIGHT_ONLY_INITS = ("eva", "orthogonal", "loftq", "mica")
 
 
 # ----- key names ----------------------------------------------------------------------------------------
