@@ -21,16 +21,22 @@ pytest.importorskip("peft")
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "finetune_minilm.py"
 
 
-def test_demo_quick(tmp_path: Path) -> None:
+def run_quick_demo(output: Path, *options: str) -> tuple[str, str]:
+    """`--quick` run of the demo, offline, writing to `output`; its stdout and stderr. Fails on a non-zero exit."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"}
     result = subprocess.run(
-        [sys.executable, str(DEMO), "--quick", "--output", str(tmp_path)],
+        [sys.executable, str(DEMO), "--quick", *options, "--output", str(output)],
         capture_output=True,  # bytes: text mode would turn the carriage returns checked below into newlines
         env=env,
-        timeout=600,
+        timeout=900,
     )
     stdout, stderr = result.stdout.decode(), result.stderr.decode()
     assert result.returncode == 0, f"stdout:\n{stdout}\nstderr:\n{stderr}"
+    return stdout, stderr
+
+
+def test_demo_quick(tmp_path: Path) -> None:
+    stdout, stderr = run_quick_demo(tmp_path)
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     png = tmp_path / "loss_curve.png"
@@ -48,15 +54,7 @@ def test_demo_quick_nf4(tmp_path: Path) -> None:
     """The same run on a 4-bit nf4 base (QLoRA): unmerge restores every 4-bit byte, the float merge and the reloads
     (lorakit and peft, onto fresh 4-bit bases) predict what the trained model predicts."""
     pytest.importorskip("bitsandbytes")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"}
-    result = subprocess.run(
-        [sys.executable, str(DEMO), "--quick", "--quantize", "nf4", "--output", str(tmp_path)],
-        capture_output=True,
-        env=env,
-        timeout=900,
-    )
-    stdout, stderr = result.stdout.decode(), result.stderr.decode()
-    assert result.returncode == 0, f"stdout:\n{stdout}\nstderr:\n{stderr}"
+    stdout, _ = run_quick_demo(tmp_path, "--quantize", "nf4")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert "the encoder's 36 Linear layers in 4-bit nf4" in stdout
     assert "linear probe (frozen nf4 encoder" in stdout

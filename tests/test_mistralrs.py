@@ -81,6 +81,18 @@ def save_for_mistralrs(model: LlamaForCausalLM, directory: Path) -> None:
     config_path.write_text(json.dumps(saved))
 
 
+def train_a_few_steps(model: torch.nn.Module, tokenizer) -> None:
+    """Five AdamW steps of the model's trainable parameters on the corpus; the model is left in eval mode."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    batch = torch.tensor([tokenizer.encode(text).ids[:8] for text in CORPUS[:6]])
+    model.train()
+    for _ in range(5):
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
 def greedy(model: torch.nn.Module, prompt_ids: list[int]) -> list[int]:
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
@@ -115,14 +127,7 @@ def test_mistralrs_serves_a_lorakit_adapter(tmp_path, monkeypatch):
     config = lorakit.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                      "gate_proj", "up_proj", "down_proj"])  # fmt: skip
     lorakit.get_lora_model(model, config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    batch = torch.tensor([tokenizer.encode(text).ids[:8] for text in CORPUS[:6]])
-    model.train()
-    for _ in range(5):
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
+    train_a_few_steps(model, tokenizer)
     lora_tokens = greedy(model, prompt_ids)
     assert lora_tokens != base_tokens, "the trained adapter should change the greedy tokens"
     with lorakit.disable_adapters(model):
@@ -166,15 +171,9 @@ def test_mistralrs_serves_an_adapter_trained_on_a_4bit_base(tmp_path, monkeypatc
     model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=quantization, device_map="cpu")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     lorakit.get_lora_model(model, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    batch = torch.tensor([tokenizer.encode(text).ids[:8] for text in CORPUS[:6]])
-    model.train()
-    for _ in range(5):
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_a_few_steps(model, tokenizer)
     lorakit.save_adapter(model, adapter_dir)
-    trained_tokens = greedy(model.eval(), prompt_ids)
+    trained_tokens = greedy(model, prompt_ids)
 
     lorakit.dequantize(model)
     assert greedy(model, prompt_ids) == trained_tokens
