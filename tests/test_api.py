@@ -52,7 +52,7 @@ class MLP(nn.Module):
         ({"alpha_pattern": {"q_proj": -2}}, "alpha_pattern['q_proj'] must be a positive finite number"),
         ({"target_modules": [1, 2]}, "target_modules must be a string, a list of strings or None"),
         ({"layers_to_transform": "0"}, "layers_to_transform must be an int or a list of ints"),
-        ({"use_dora": True}, "use_dora=True (DoRA) is not supported"),
+        ({"use_dora": "yes"}, "use_dora must be True or False, got 'yes'"),
         ({"peft_type": "LOHA"}, "peft_type is 'LOHA'"),
         ({"layer_replication": [[0, 2]]}, "layer_replication"),
     ],

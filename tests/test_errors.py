@@ -30,7 +30,7 @@ BAD_CALLS: list[tuple[str, Callable[[Path], object]]] = [
     ("config: dropout out of range", lambda _: LoraConfig(lora_dropout=1.5)),
     ("config: target of the wrong type", lambda _: LoraConfig(target_modules=5)),
     ("config: from_dict of a list", lambda _: LoraConfig.from_dict(["r", 4])),
-    ("config: an unsupported peft feature", lambda _: LoraConfig(use_dora=True)),
+    ("config: an unsupported peft feature", lambda _: LoraConfig(use_qalora=True)),
     ("convert: not a module", lambda _: lorakit.get_lora_model("a model", CONFIG)),
     ("convert: not a config", lambda _: lorakit.get_lora_model(tiny_llama(), {"r": 4})),
     ("convert: adapter name of the wrong type", lambda _: lorakit.get_lora_model(tiny_llama(), CONFIG, 3)),

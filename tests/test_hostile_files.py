@@ -540,6 +540,7 @@ _FIELD_ORACLE = {
     "use_rslora": lambda v: type(v) is bool,
     "fan_in_fan_out": lambda v: type(v) is bool,
     "inference_mode": lambda v: type(v) is bool,
+    # True asks for tensors these files lack (lora_B.bias; lora_magnitude_vector): a missing-key error
     "lora_bias": lambda v: v is False,
     "use_dora": lambda v: v is False,
     "peft_type": lambda v: v == "LORA",

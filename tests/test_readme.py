@@ -45,6 +45,7 @@ def test_readme_blocks_run(capsys):
     assert "LoraLinear4bit" in printed and "update survived" in printed
     assert "True\nLinear torch.float32" in printed
     assert "[(4, 0.0002), (0, 1e-06), (4, 0.0032), (0, 0.0032)]" in printed  # LoRA+'s groups
+    assert "torch.Size([32])" in printed  # DoRA's magnitude, one per output
     assert "target_modules entries ['qproj'] matched no module" in printed
 
 

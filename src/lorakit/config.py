@@ -150,8 +150,6 @@ class _LoraFields:
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise LoraConfigError(f"{name} must be a string or None, got {getattr(self, name)!r}")
         self._check_patterns_compile()
-        if self.use_dora:
-            raise LoraConfigError("use_dora=True (DoRA) is not supported by lorakit yet")
 
     def _check_patterns_compile(self) -> None:
         patterns = [("target_modules", self.target_modules), ("exclude_modules", self.exclude_modules)]
@@ -262,7 +260,7 @@ class LoraConfig(_LoraFields):
             (transformers `Conv1D`), so the field is kept only for peft compatibility.
         layers_to_transform, layers_pattern: restrict list targets to these layer indices.
         lora_bias: give B a bias (peft's `lora_bias`).
-        use_dora: not supported yet; `True` raises.
+        use_dora: DoRA (a trained magnitude per output, `layers/dora.py`), on Linear and Conv1D layers.
         task_type, base_model_name_or_path, inference_mode: carried for peft compatibility.
 
     Keyword arguments only. An unknown field is a `LoraConfigError` naming the closest real one; peft's own

@@ -72,6 +72,8 @@ class LoraLayer(nn.Module):
     #: Their entries, keyed by adapter name, are the adapter's parameters; `lora_state_dict` saves them
     #: under `<module path>.<container>[.<param>]`, peft's key layout.
     adapter_containers: tuple[str, ...] = ("lora_A", "lora_B")
+    #: Whether the kind has DoRA (`use_dora=True`); `add_adapter` refuses it by name elsewhere.
+    supports_dora: bool = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -209,6 +211,11 @@ class LoraLayer(nn.Module):
         """Add adapter `name` of rank `r` (inactive) and initialise it per `config.init_lora_weights`."""
         if name in self.r:
             raise AdapterError(f"adapter {name!r} already exists on this {type(self).__name__}")
+        if config.use_dora and not self.supports_dora:
+            raise LoraError(
+                f"use_dora=True (DoRA) is not supported on {type(self.base_layer).__name__} layers yet, only on Linear "
+                "and Conv1D ones: leave this module out of target_modules, or use plain LoRA"
+            )
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = lora_scaling(lora_alpha, r, config.use_rslora)
@@ -345,8 +352,9 @@ class LoraLayer(nn.Module):
         """The value base parameter `param_name` would hold with `delta` merged (nothing is written)."""
         return merged_value(self._base_param(param_name), delta)
 
-    def merge_parameter(self, param_name: str, delta: torch.Tensor) -> Any:
-        """Add `delta` to base parameter `param_name`; return what `restore_parameter` needs to undo it exactly."""
+    def merge_parameter(self, param_name: str, delta: torch.Tensor, names: list[str]) -> Any:
+        """Add `delta`, the update of adapters `names`, to base parameter `param_name`; return what
+        `restore_parameter` needs to undo it exactly."""
         return merge_exactly(self._base_param(param_name).data, delta)
 
     def restore_parameter(self, param_name: str, delta: torch.Tensor, residual: Any) -> None:
@@ -369,7 +377,7 @@ class LoraLayer(nn.Module):
                 self._restore()
             merged = self.merged_adapters + names
             for param_name, delta in self._summed_deltas(merged).items():
-                self._residuals[param_name] = self.merge_parameter(param_name, delta)
+                self._residuals[param_name] = self.merge_parameter(param_name, delta, merged)
         self.merged_adapters = merged
         self._update_forward_adapters()
 

@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraConfig
-from . import linear_fast
+from ..errors import LoraError
+from . import dora, linear_fast
 from .base import LoraLayer, adapter_dtype
+from .exact import merged_value
 from .stack import AdapterStack, broadcast_gates
 
 
@@ -31,7 +33,10 @@ def is_transformers_conv1d(module: nn.Module) -> bool:
 
 
 class LoraLinear(LoraLayer):
-    """LoRA around an `nn.Linear` or a transformers `Conv1D`."""
+    """LoRA around an `nn.Linear` or a transformers `Conv1D`; DoRA adapters too (`use_dora`, layers/dora.py)."""
+
+    adapter_containers = ("lora_A", "lora_B", "lora_magnitude_vector")
+    supports_dora = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -39,6 +44,7 @@ class LoraLinear(LoraLayer):
         self.in_features, self.out_features = self.base_features(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m: (out,), for the adapters that have one
 
     def base_features(self, base_layer: nn.Module) -> tuple[int, int]:
         """`(in, out)` of the base layer, read from its weight's shape (`(in, out)` for Conv1D)."""
@@ -46,6 +52,9 @@ class LoraLinear(LoraLayer):
         return tuple(weight.shape) if self.fan_in_fan_out else (weight.shape[1], weight.shape[0])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        dora_runs = self.lora_magnitude_vector and self.adapter_stack is None
+        if dora_runs and any(name in self.lora_magnitude_vector for name in self.forward_adapters):
+            return self._forward_with_dora(x, *args, **kwargs)
         if not args and not kwargs:
             out = linear_fast.single_adapter_forward(self, x)  # None where no shortcut applies
             if out is not None:
@@ -57,6 +66,42 @@ class LoraLinear(LoraLayer):
         factory = {"device": weight.device, "dtype": adapter_dtype(weight.dtype)}
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **factory)
+        if config.use_dora:
+            self.lora_magnitude_vector[name] = nn.Parameter(torch.ones(self.out_features, **factory))
+
+    def reset_adapter(self, name: str, init: bool | str) -> None:
+        super().reset_adapter(name, init)
+        if name in self.lora_magnitude_vector:  # m = n: the adapter starts as its LoRA part alone would
+            with torch.no_grad():
+                a, b = self.lora_A[name].weight, self.lora_B[name].weight
+                self.lora_magnitude_vector[name].copy_(dora.weight_norm(self.weight_out_in(), a, b, self.scaling[name]))
+
+    def weight_out_in(self) -> torch.Tensor:
+        """The base weight as `(out, in)` (a view; Conv1D stores it `(in, out)`)."""
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _forward_with_dora(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The forward when a DoRA adapter runs: each adds `(f − 1) ⊙ (x Wᵀ) + f ⊙ s·B(A x)` (layers/dora.py) to the
+        base output, the base part taken from that output without its bias; plain LoRA adapters add as always."""
+        if self.merged_adapters and self.training and torch.is_grad_enabled():
+            self._refuse_training_merged()
+        result = self.base_layer(x, *args, **kwargs)
+        bias = getattr(self.base_layer, "bias", None)
+        base_output = result if bias is None else result - bias
+        for name in self.forward_adapters:
+            if name not in self.lora_magnitude_vector:
+                result = self.add_adapter_output(result, x, name)
+                continue
+            a, b, s, dtype = self.lora_A[name].weight, self.lora_B[name], self.scaling[name], result.dtype
+            weight = self.weight_out_in()
+            factor = (self.lora_magnitude_vector[name] / dora.weight_norm(weight, a, b.weight, s)).to(dtype)
+            dropped = self.dropout_input(x, name).to(dtype)
+            own_base = base_output if dropped is x else F.linear(dropped, weight.to(dtype))
+            lora_bias = None if b.bias is None else b.bias.to(dtype)
+            branch = F.linear(F.linear(dropped, a.to(dtype)), b.weight.to(dtype), lora_bias)
+            result = result + ((factor - 1) * own_base + factor * branch * s)
+        return result
 
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """`result + s·B(A(dropout(x)))` in `result`'s dtype: `h = dropout(x) @ A.T` `(rows, r)`, then one GEMM
@@ -80,6 +125,12 @@ class LoraLinear(LoraLayer):
         return adapters >= 16 or (adapters >= 4 and tokens_per_row >= 8)
 
     def stacked_factors(self, names: list[str], dtype: torch.dtype, one_per_row: bool) -> dict[str, torch.Tensor]:
+        dora_adapters = [n for n in names if n in self.lora_magnitude_vector]
+        if dora_adapters:
+            raise LoraError(
+                f"DoRA adapters {dora_adapters} cannot run in a mixed batch or as X-LoRA experts: DoRA rescales the "
+                "whole layer output per adapter, which the stacked forward cannot express"
+            )
         factors: dict[str, torch.Tensor] = {}
         if one_per_row:
             # (n + 1, r_max, in) and (n + 1, r_max, out): A and (s·B).T zero-padded to the largest rank, plus a
@@ -132,8 +183,36 @@ class LoraLinear(LoraLayer):
 
     def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
         a, b = self.lora_A[name], self.lora_B[name]
-        delta = (b.weight @ a.weight) * self.scaling[name]
+        if name in self.lora_magnitude_vector:
+            magnitude = self.lora_magnitude_vector[name]
+            delta = dora.delta_weight(self.weight_out_in(), a.weight, b.weight, self.scaling[name], magnitude)
+        else:
+            delta = (b.weight @ a.weight) * self.scaling[name]
         deltas = {"weight": delta.T if self.fan_in_fan_out else delta}
         if b.bias is not None:
             deltas["bias"] = b.bias * self.scaling[name]
         return deltas
+
+    def merge_parameter(self, param_name: str, delta: torch.Tensor, names: list[str]) -> Any:
+        # A DoRA update depends on W itself, so while merged it cannot be recomputed for the exact residual of
+        # layers/exact.py: keep a copy of W instead (its size, in its dtype).
+        if param_name == "weight" and any(n in self.lora_magnitude_vector for n in names):
+            weight = self.base_layer.weight.data
+            original = weight.clone()
+            weight.copy_(merged_value(weight, delta))
+            return original
+        return super().merge_parameter(param_name, delta, names)
+
+    def restore_parameter(self, param_name: str, delta: torch.Tensor, residual: Any) -> None:
+        if isinstance(residual, torch.Tensor):
+            self._base_param(param_name).data.copy_(residual)
+            return
+        super().restore_parameter(param_name, delta, residual)
+
+    def rank_layout(self, name: str) -> dict[str, tuple[int | None, bool]]:
+        layout: dict[str, tuple[int | None, bool]] = {"lora_A.weight": (0, False), "lora_B.weight": (1, True)}
+        if self.lora_B[name].bias is not None:
+            layout["lora_B.bias"] = (None, True)
+        if name in self.lora_magnitude_vector:
+            layout["lora_magnitude_vector"] = (None, False)  # one per output: no rank axis, no scaling
+        return layout

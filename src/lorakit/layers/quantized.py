@@ -125,6 +125,8 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 class LoraQuantizedLinear(LoraLinear):
     """LoRA around a linear layer with a quantized weight. Subclasses supply the quantization (module doc)."""
 
+    supports_dora = False  # DoRA's norm and base output would need deq(W) in every forward: not yet
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.update_retention: UpdateRetention | None = None  # of the current merge, if merged
@@ -173,9 +175,9 @@ class LoraQuantizedLinear(LoraLinear):
             return super().merged_parameter(param_name, delta)
         return self.dequantized_weight().float() + delta  # before quantizing: what `safe=True` checks
 
-    def merge_parameter(self, param_name: str, delta: torch.Tensor) -> Any:
+    def merge_parameter(self, param_name: str, delta: torch.Tensor, names: list[str]) -> Any:
         if param_name != "weight":
-            return super().merge_parameter(param_name, delta)
+            return super().merge_parameter(param_name, delta, names)
         before = self.dequantized_weight().float()
         original = self.take_weight()
         self.put_weight(QuantizedOriginal(self.quantized(before + delta), {}))
