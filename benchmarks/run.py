@@ -8,8 +8,8 @@
 
 Benchmarks (one module each in benchmarks/, shared timing and tables in harness.py, presets in workloads.py):
 train, inference, merge, convert, memory, mixed_batch, xlora, quantized (LoRA on bitsandbytes nf4/int8 and torchao int8
-bases). Contenders are interleaved over several rounds in one run and compared by per-round ratios; run it on a quiet
-machine, as anything else running skews the ratios.
+bases), dora. Contenders are interleaved over several rounds in one run and compared by per-round ratios; run it on a
+quiet machine, as anything else running skews the ratios.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ if str(HERE) not in sys.path:  # the suite's modules import each other by plain 
     sys.path.insert(0, str(HERE))
 
 import convert  # noqa: E402
+import dora  # noqa: E402
 import harness  # noqa: E402
 import inference  # noqa: E402
 import memory  # noqa: E402
@@ -52,6 +53,7 @@ BENCHMARKS: dict[str, Callable[[Preset], str]] = {
     "mixed_batch": mixed_batch.run,
     "xlora": xlora.run,
     "quantized": quantized.run,
+    "dora": dora.run,
 }
 
 

@@ -211,15 +211,16 @@ def loss_of(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return model(inputs_embeds=inputs).last_hidden_state.float().square().mean()
 
 
-def lorakit_model(model: nn.Module, preset: Preset) -> nn.Module:
-    """`model` converted in place by `lorakit.get_lora_model` with the preset's config."""
-    config = lorakit.LoraConfig(r=preset.rank, lora_alpha=preset.alpha, target_modules="all-linear")
+def lorakit_model(model: nn.Module, preset: Preset, **options: object) -> nn.Module:
+    """`model` converted in place by `lorakit.get_lora_model` with the preset's config (and `options`, such as
+    `use_dora=True`)."""
+    config = lorakit.LoraConfig(r=preset.rank, lora_alpha=preset.alpha, target_modules="all-linear", **options)
     return lorakit.get_lora_model(model, config)
 
 
-def peft_model(model: nn.Module, preset: Preset) -> nn.Module:
+def peft_model(model: nn.Module, preset: Preset, **options: object) -> nn.Module:
     """`model` wrapped by `peft.get_peft_model` with the same config as `lorakit_model`."""
-    config = peft.LoraConfig(r=preset.rank, lora_alpha=preset.alpha, target_modules="all-linear")
+    config = peft.LoraConfig(r=preset.rank, lora_alpha=preset.alpha, target_modules="all-linear", **options)
     return peft.get_peft_model(model, config)
 
 

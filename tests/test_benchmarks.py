@@ -29,6 +29,8 @@ TABLE_HEADERS = [
     "| experts | work | base | lorakit | peft | lorakit / base | lorakit / peft |",
     "| base | floor ms | lorakit ms | peft ms | lorakit / floor | peft / floor | lorakit / peft |",
     "| base | measure | floor MiB | lorakit MiB | peft MiB | lorakit / peft | lorakit / floor |",
+    "| contender | ms | / floor | / peft |",
+    "| contender | ms | / base |",
 ]
 
 BEFORE = "# Benchmarks\n\nHand-written prose before the section, kept as it is.\n\n## Tiny\n\n"

@@ -8,6 +8,7 @@ weights and the files (both ways) must equal peft's; unmerge must restore every 
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -42,8 +43,7 @@ IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
 
 def peft_key(name: str) -> str:
     """lorakit's in-memory parameter name as peft's: its magnitudes are modules with a `.weight`."""
-    name = name.replace("lora_magnitude_vector.default", "lora_magnitude_vector.default.weight")
-    return f"base_model.model.{name}"
+    return "base_model.model." + re.sub(r"(lora_magnitude_vector\.[^.]+)$", r"\1.weight", name)
 
 
 def pair(make, targets, **options) -> tuple[nn.Module, nn.Module]:
@@ -130,17 +130,61 @@ def test_dora_beside_plain_lora_and_disabled():
         for name, param in ours.named_parameters():
             if ".plain" in name:
                 param.copy_(theirs.get_parameter(f"base_model.model.{name}"))
-    theirs.base_model.set_adapter(["default", "plain"])
-    lorakit.set_active_adapters(ours, ["default", "plain"])
-    with torch.no_grad():
-        torch.testing.assert_close(logits(ours), logits(theirs), rtol=RTOL, atol=ATOL)
-        both = logits(ours)
-        lorakit.merge(ours)
-        torch.testing.assert_close(logits(ours), both, rtol=RTOL, atol=ATOL)
-        with lorakit.disable_adapters(ours), theirs.disable_adapter():
+    for order in (["default", "plain"], ["plain", "default"]):  # DoRA after plain LoRA rescales its branch
+        theirs.base_model.set_adapter(order)
+        lorakit.set_active_adapters(ours, order)
+        with torch.no_grad():
             torch.testing.assert_close(logits(ours), logits(theirs), rtol=RTOL, atol=ATOL)
-        lorakit.unmerge(ours)
-        assert torch.equal(logits(ours), both)
+            with lorakit.disable_adapters(ours), theirs.disable_adapter():
+                torch.testing.assert_close(logits(ours), logits(theirs), rtol=RTOL, atol=ATOL)
+    before = {n: p.detach().clone() for n, p in ours.named_parameters() if "base_layer" in n}
+    with pytest.raises(lorakit.MergeError, match="runs a DoRA adapter beside others"):
+        lorakit.merge(ours)
+    assert all(torch.equal(ours.get_parameter(n), p) for n, p in before.items()), "nothing merged"
+
+
+def test_two_dora_adapters_at_once_and_dropout():
+    """Two active DoRA adapters (each relative to the base output, as peft computes them), and a training forward
+    with dropout, whose DoRA term recomputes the base output on the dropped-out input."""
+    theirs, ours = pair(tiny_llama, LLAMA_TARGETS)
+    second = {"r": 2, "lora_alpha": 2, "target_modules": ["q_proj", "down_proj"], "use_dora": True}
+    theirs.add_adapter("second", peft.LoraConfig(init_lora_weights=False, **second))
+    lorakit.add_adapter(ours, "second", LoraConfig(**second))
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            if ".second" in name:
+                param.copy_(theirs.get_parameter(peft_key(name)))
+    theirs.base_model.set_adapter(["default", "second"])
+    lorakit.set_active_adapters(ours, ["default", "second"])
+    expected, actual = logits(theirs), logits(ours)
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
+    expected.square().mean().backward()
+    actual.square().mean().backward()
+    for name, param in ours.named_parameters():
+        if param.requires_grad:
+            reference = theirs.get_parameter(peft_key(name)).grad
+            torch.testing.assert_close(param.grad, reference, rtol=1e-4, atol=1e-7, msg=name)
+
+    # dropout: the same mask in both libraries is out of reach, so check the math on one layer by hand
+    layer = lorakit.LoraLinear(nn.Linear(16, 8))
+    layer.add_adapter("d", 4, 8.0, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, use_dora=True,
+                                              init_lora_weights=False))  # fmt: skip
+    layer.set_active(["d"])
+    x = torch.randn(5, 16)
+    torch.manual_seed(7)
+    out = layer.train()(x)
+    torch.manual_seed(7)
+    dropped = torch.nn.functional.dropout(x, 0.5, training=True)
+    w, a, b, m, s = (
+        layer.weight,
+        layer.lora_A["d"].weight,
+        layer.lora_B["d"].weight,
+        layer.lora_magnitude_vector["d"],
+        2.0,
+    )
+    f = m / (w + s * b @ a).norm(dim=1)
+    by_hand = x @ w.T + layer.bias + (f - 1) * (dropped @ w.T) + f * s * (dropped @ a.T @ b.T)
+    torch.testing.assert_close(out, by_hand, rtol=1e-5, atol=1e-6)
 
 
 def test_dora_where_lorakit_does_not_have_it_is_refused():

@@ -12,6 +12,10 @@ and, as the paper advises and peft does, treats `n` as a constant in the backwar
 where `x Wᵀ` is the base output without its bias (recomputed on the dropped-out input when dropout is on, as
 peft does). Merging adds `ΔW = (f − 1) ⊙ W + f ⊙ s·B A` (row-wise factors), so merged and unmerged agree.
 
+With several adapters active, peft runs them in order and a DoRA adapter rescales all the layer computed
+before it (the base output and the earlier adapters' branches, without the bias): `y ← f ⊙ (y + s·B A x)`.
+Their updates then do not add up, so a layer merges a DoRA adapter only when it is its one active adapter.
+
 `n` is computed without forming `B A` (out × in):
 
     n_j² = ‖W_j‖² + 2s·⟨(W Aᵀ)_j, B_j⟩ + s²·B_j (A Aᵀ) B_jᵀ
@@ -30,8 +34,13 @@ def weight_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling:
     in at least float32."""
     dtype = torch.promote_types(weight.dtype, torch.float32)
     with torch.no_grad():
-        w, a, b = weight.to(dtype), a.to(dtype), b.to(dtype)
-        squared = (w * w).sum(1) + 2 * scaling * ((w @ a.T) * b).sum(1) + scaling**2 * ((b @ (a @ a.T)) * b).sum(1)
+        a, b = a.to(dtype), b.to(dtype)
+        weight_a = (weight @ a.to(weight.dtype).T).to(dtype)  # (out, r), in the weight's dtype: no copy of W
+        squared = (
+            torch.linalg.vector_norm(weight, dim=1, dtype=dtype).square()
+            + 2 * scaling * (weight_a * b).sum(1)
+            + scaling**2 * ((b @ (a @ a.T)) * b).sum(1)
+        )
         return squared.clamp_min(0).sqrt()
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraConfig
-from ..errors import LoraError
+from ..errors import LoraError, MergeError
 from . import dora, linear_fast
 from .base import LoraLayer, adapter_dtype
 from .exact import merged_value
@@ -45,6 +45,7 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m: (out,), for the adapters that have one
+        self._dora_norms: dict[str, tuple[tuple, torch.Tensor]] = {}  # adapter → (what it was computed from, n)
 
     def base_features(self, base_layer: nn.Module) -> tuple[int, int]:
         """`(in, out)` of the base layer, read from its weight's shape (`(in, out)` for Conv1D)."""
@@ -60,6 +61,18 @@ class LoraLinear(LoraLayer):
             if out is not None:
                 return out
         return super().forward(x, *args, **kwargs)
+
+    def _dora_norm(self, name: str) -> torch.Tensor:
+        """DoRA adapter `name`'s `n = ‖W + s·B A‖` per output (detached), kept while W, A and B are unchanged: at
+        inference it costs nothing after the first forward; in training the optimizer's step changes A and B.
+        A write through `.data`, which torch does not count as a change, is not seen (lorakit writes none)."""
+        weight, a, b = self.weight_out_in(), self.lora_A[name].weight, self.lora_B[name].weight
+        # torch counts every in-place change of a tensor in `_version` (an optimizer step, copy_, a merge)
+        key = (weight.data_ptr(), weight._version, a._version, b._version, self.scaling[name], weight.dtype)
+        cached = self._dora_norms.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._dora_norms[name] = (key, dora.weight_norm(weight, a, b, self.scaling[name]))
+        return cached[1]
 
     def create_adapter(self, name: str, r: int, config: LoraConfig) -> None:
         weight = self.base_layer.weight
@@ -82,26 +95,40 @@ class LoraLinear(LoraLayer):
         return weight.T if self.fan_in_fan_out else weight
 
     def _forward_with_dora(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The forward when a DoRA adapter runs: each adds `(f − 1) ⊙ (x Wᵀ) + f ⊙ s·B(A x)` (layers/dora.py) to the
-        base output, the base part taken from that output without its bias; plain LoRA adapters add as always."""
+        """The forward when a DoRA adapter runs, adapters in their active order as peft runs them. A DoRA adapter
+        rescales what the layer computed so far without its bias, `y`, and adds its branch (layers/dora.py):
+
+            y ← f ⊙ (y + s·B(A x))             (with dropout on: y ← y + (f − 1) ⊙ (x' Wᵀ) + f ⊙ s·B(A x'),
+                                                 x' the dropped-out input, as peft computes it)
+
+        the branch accumulating into `y` in its GEMM and one fused pass scaling and adding the bias back. Plain
+        LoRA adapters add their branch as always."""
         if self.merged_adapters and self.training and torch.is_grad_enabled():
             self._refuse_training_merged()
         result = self.base_layer(x, *args, **kwargs)
         bias = getattr(self.base_layer, "bias", None)
-        base_output = result if bias is None else result - bias
         for name in self.forward_adapters:
             if name not in self.lora_magnitude_vector:
                 result = self.add_adapter_output(result, x, name)
-                continue
-            a, b, s, dtype = self.lora_A[name].weight, self.lora_B[name], self.scaling[name], result.dtype
-            weight = self.weight_out_in()
-            factor = (self.lora_magnitude_vector[name] / dora.weight_norm(weight, a, b.weight, s)).to(dtype)
-            dropped = self.dropout_input(x, name).to(dtype)
-            own_base = base_output if dropped is x else F.linear(dropped, weight.to(dtype))
-            lora_bias = None if b.bias is None else b.bias.to(dtype)
-            branch = F.linear(F.linear(dropped, a.to(dtype)), b.weight.to(dtype), lora_bias)
-            result = result + ((factor - 1) * own_base + factor * branch * s)
+            elif self.lora_dropout_p[name] and self.training:
+                dropped = self.dropout_input(x, name).to(result.dtype)
+                own_base = F.linear(dropped, self.weight_out_in().to(result.dtype))
+                factor, combined = self._dora_parts(dropped, name, own_base)
+                result = result + (combined * factor - own_base)
+            else:
+                factor, combined = self._dora_parts(x, name, result if bias is None else result - bias)
+                result = combined * factor if bias is None else torch.addcmul(bias.to(result.dtype), combined, factor)
         return result
+
+    def _dora_parts(self, x: torch.Tensor, name: str, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`f = m / n` `(out,)` and `base + s·B(A x)` for DoRA adapter `name`, in `base`'s dtype."""
+        a, b, s, dtype = self.lora_A[name].weight, self.lora_B[name], self.scaling[name], base.dtype
+        factor = (self.lora_magnitude_vector[name] / self._dora_norm(name)).to(dtype)
+        hidden = F.linear(x.reshape(-1, self.in_features).to(dtype), a.to(dtype))
+        combined = base.reshape(-1, self.out_features).addmm(hidden, b.weight.to(dtype).T, alpha=s)
+        if b.bias is not None:
+            combined = combined + (b.bias * s).to(dtype)
+        return factor, combined.view(base.shape)
 
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """`result + s·B(A(dropout(x)))` in `result`'s dtype: `h = dropout(x) @ A.T` `(rows, r)`, then one GEMM
@@ -192,6 +219,15 @@ class LoraLinear(LoraLayer):
         if b.bias is not None:
             deltas["bias"] = b.bias * self.scaling[name]
         return deltas
+
+    def check_mergeable(self, name: str) -> None:
+        super().check_mergeable(name)
+        if len(self.active_adapters) > 1 and any(n in self.lora_magnitude_vector for n in self.active_adapters):
+            raise MergeError(
+                f"cannot merge adapter {name!r}: this layer runs a DoRA adapter beside others "
+                f"({self.active_adapters}), and a DoRA adapter rescales what the adapters before it computed, so "
+                "their updates do not add up. Activate the DoRA adapter alone to merge it"
+            )
 
     def merge_parameter(self, param_name: str, delta: torch.Tensor, names: list[str]) -> Any:
         # A DoRA update depends on W itself, so while merged it cannot be recomputed for the exact residual of
