@@ -189,3 +189,37 @@ def test_mistralrs_serves_an_adapter_trained_on_a_4bit_base(tmp_path, monkeypatc
     )  # fmt: skip
     assert served_greedy(served, "qlora") == trained_tokens
     assert served_greedy(served, None) == base_tokens
+
+
+def test_mistralrs_refuses_dora_adapters_and_serves_the_merged_model(tmp_path, monkeypatch):
+    """mistral.rs 0.9.5 loads no DoRA adapter ("dynamic LoRA does not support DoRA adapters"); a DoRA fine-tune
+    is served there merged: `merge_and_unload`, `save_pretrained`, and the plain model gives lorakit's tokens."""
+    monkeypatch.setenv("MISTRALRS_CPU_KV_F32", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base_dir, adapter_dir, merged_dir = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    base_dir.mkdir()
+    model = build_base(base_dir)
+    tokenizer = build_tokenizer(base_dir)
+    prompt_ids = tokenizer.encode(PROMPT).ids
+    base_tokens = greedy(model, prompt_ids)
+    config = lorakit.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    lorakit.get_lora_model(model, config)
+    train_a_few_steps(model, tokenizer)
+    dora_tokens = greedy(model, prompt_ids)
+    assert dora_tokens != base_tokens, "the trained adapter should change the greedy tokens"
+    lorakit.save_adapter(model, adapter_dir)
+
+    with pytest.raises(ValueError, match="dynamic LoRA does not support DoRA adapters"):
+        mistralrs.Runner(
+            which=mistralrs.Which.Lora(model_id=str(base_dir), adapters=[mistralrs.LoraAdapter("d", str(adapter_dir))],
+                                       arch=mistralrs.Architecture.Llama, dtype=mistralrs.ModelDType.F32)
+        )  # fmt: skip
+
+    save_for_mistralrs(lorakit.merge_and_unload(model), merged_dir)
+    build_tokenizer(merged_dir)
+    assert greedy(model, prompt_ids) == dora_tokens
+    served = mistralrs.Runner(
+        which=mistralrs.Which.Plain(model_id=str(merged_dir), arch=mistralrs.Architecture.Llama,
+                                    dtype=mistralrs.ModelDType.F32)
+    )  # fmt: skip
+    assert served_greedy(served, None) == dora_tokens
