@@ -121,6 +121,27 @@ def test_a_new_dora_adapter_starts_as_the_base_model():
         torch.testing.assert_close(logits(model), before, rtol=1e-6, atol=1e-6)  # m = ‖W‖, B = 0
 
 
+def test_a_replaced_adapter_gets_its_own_norms():
+    """Deleting a DoRA adapter and adding another of the same name, or training it, never reuses stale norms."""
+    model = tiny_llama().eval()
+    config = LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, init_lora_weights=False)
+    lorakit.get_lora_model(model, config, adapter_name="a")
+    lorakit.add_adapter(model, "b", config)
+    lorakit.set_active_adapters(model, "b")
+    with torch.no_grad():
+        logits(model)
+        lorakit.set_active_adapters(model, "a")
+        lorakit.delete_adapter(model, "b")
+        torch.manual_seed(5)
+        lorakit.add_adapter(model, "b", config)
+        lorakit.set_active_adapters(model, "b")
+        fresh = copy.deepcopy(model)  # a copy computes its norms anew
+        torch.testing.assert_close(logits(model), logits(fresh), rtol=0, atol=0)
+        model.get_parameter("model.layers.0.self_attn.q_proj.lora_B.b.weight").mul_(3)
+        fresh.get_parameter("model.layers.0.self_attn.q_proj.lora_B.b.weight").mul_(3)
+        torch.testing.assert_close(logits(model), logits(copy.deepcopy(fresh)), rtol=0, atol=0)
+
+
 def test_dora_beside_plain_lora_and_disabled():
     theirs, ours = pair(tiny_llama, LLAMA_TARGETS)
     plain = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "k_proj"]}

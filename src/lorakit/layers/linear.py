@@ -68,7 +68,7 @@ class LoraLinear(LoraLayer):
         A write through `.data`, which torch does not count as a change, is not seen (lorakit writes none)."""
         weight, a, b = self.weight_out_in(), self.lora_A[name].weight, self.lora_B[name].weight
         # torch counts every in-place change of a tensor in `_version` (an optimizer step, copy_, a merge)
-        key = (weight.data_ptr(), weight._version, a._version, b._version, self.scaling[name], weight.dtype)
+        key = (*(t.data_ptr() for t in (weight, a, b)), weight._version, a._version, b._version, self.scaling[name])
         cached = self._dora_norms.get(name)
         if cached is None or cached[0] != key:
             cached = self._dora_norms[name] = (key, dora.weight_norm(weight, a, b, self.scaling[name]))
@@ -81,6 +81,11 @@ class LoraLinear(LoraLayer):
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **factory)
         if config.use_dora:
             self.lora_magnitude_vector[name] = nn.Parameter(torch.ones(self.out_features, **factory))
+            self._dora_norms.pop(name, None)  # of an earlier adapter of that name
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self._dora_norms.pop(name, None)
 
     def reset_adapter(self, name: str, init: bool | str) -> None:
         super().reset_adapter(name, init)
