@@ -34,9 +34,9 @@ def tiny_gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(config)
 
 
-MODELS = {
-    "llama (Linear)": (tiny_llama, LLAMA_TARGETS),
-    "gpt2 (Conv1D)": (tiny_gpt2, ["c_attn", "c_proj"]),
+MODELS = {  # name → (model, targets, LoRA options)
+    "llama (Linear)": (tiny_llama, LLAMA_TARGETS, {}),
+    "gpt2 (Conv1D)": (tiny_gpt2, ["c_attn", "c_proj"], {"fan_in_fan_out": True}),  # as peft wants it said
 }
 IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
 
@@ -46,10 +46,10 @@ def peft_key(name: str) -> str:
     return "base_model.model." + re.sub(r"(lora_magnitude_vector\.[^.]+)$", r"\1.weight", name)
 
 
-def pair(make, targets, **options) -> tuple[nn.Module, nn.Module]:
+def pair(make, targets, options=None) -> tuple[nn.Module, nn.Module]:
     """(peft model, lorakit model) on copies of one base, lorakit holding peft's random DoRA adapter."""
     base = make()
-    options = {"r": 4, "lora_alpha": 8, "target_modules": targets, "use_dora": True, **options}
+    options = {"r": 4, "lora_alpha": 8, "target_modules": targets, "use_dora": True, **(options or {})}
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **options))
     ours = lorakit.get_lora_model(base, LoraConfig(**options))
     with torch.no_grad():
@@ -143,7 +143,7 @@ def test_a_replaced_adapter_gets_its_own_norms():
 
 
 def test_dora_beside_plain_lora_and_disabled():
-    theirs, ours = pair(tiny_llama, LLAMA_TARGETS)
+    theirs, ours = pair(*MODELS["llama (Linear)"])
     plain = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "k_proj"]}
     theirs.add_adapter("plain", peft.LoraConfig(init_lora_weights=False, **plain))
     lorakit.add_adapter(ours, "plain", LoraConfig(**plain))
@@ -167,7 +167,7 @@ def test_dora_beside_plain_lora_and_disabled():
 def test_two_dora_adapters_at_once_and_dropout():
     """Two active DoRA adapters (each relative to the base output, as peft computes them), and a training forward
     with dropout, whose DoRA term recomputes the base output on the dropped-out input."""
-    theirs, ours = pair(tiny_llama, LLAMA_TARGETS)
+    theirs, ours = pair(*MODELS["llama (Linear)"])
     second = {"r": 2, "lora_alpha": 2, "target_modules": ["q_proj", "down_proj"], "use_dora": True}
     theirs.add_adapter("second", peft.LoraConfig(init_lora_weights=False, **second))
     lorakit.add_adapter(ours, "second", LoraConfig(**second))
