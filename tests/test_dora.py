@@ -113,6 +113,23 @@ def test_files_both_ways(model, tmp_path):
         torch.testing.assert_close(logits(in_lorakit), expected, rtol=RTOL, atol=ATOL)
 
 
+def test_hot_swapping_a_dora_adapter(tmp_path):
+    """A DoRA adapter of a smaller rank and another scaling (4 against the slot's 2) swapped into a DoRA slot computes
+    what it computes loaded afresh."""
+    donor = lorakit.get_lora_model(tiny_llama(), LoraConfig(r=2, lora_alpha=8, target_modules=LLAMA_TARGETS,
+                                                             use_dora=True, init_lora_weights=False))  # fmt: skip
+    lorakit.save_adapter(donor, tmp_path)
+    model = lorakit.get_lora_model(tiny_llama().eval(), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS,
+                                                                    use_dora=True))  # fmt: skip
+    with torch.no_grad():
+        before = logits(model)
+        lorakit.hot_swap_adapter(model, tmp_path)
+        swapped = logits(model)
+        expected = logits(lorakit.load_adapter(tiny_llama().eval(), tmp_path))
+    assert ((swapped - before).norm() / before.norm()) > 1e-2
+    torch.testing.assert_close(swapped, expected, rtol=RTOL, atol=ATOL)
+
+
 def test_a_new_dora_adapter_starts_as_the_base_model():
     model = tiny_llama().eval()
     with torch.no_grad():
