@@ -1,4 +1,5 @@
-"""DoRA (`use_dora=True`) on Linear and transformers Conv1D layers, against peft 0.21 on the same models.
+"""DoRA (`use_dora=True`) on Linear, transformers Conv1D, Embedding and Conv1d/2d/3d layers, against peft 0.21 on
+the same models.
 
 peft and lorakit convert deep copies of one model; peft's random adapter (`init_lora_weights=False`) and its
 magnitudes are copied into lorakit. Forward outputs, every gradient (A, B and the magnitude), the merged
@@ -34,9 +35,45 @@ def tiny_gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(config)
 
 
+class ConvNet(nn.Module):
+    """Token ids through an embedding, every convolution kind (kernels 1 and 3, with and without a bias, a stride)
+    and a linear head: `logits (batch, tokens, 64)`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(64, 16, padding_idx=0)
+        self.conv1d = nn.Conv1d(16, 16, 3, padding=1)
+        self.conv2d = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.pointwise = nn.Conv2d(4, 4, 1)
+        self.conv3d = nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1))
+        self.strided = nn.Conv1d(16, 16, 2, stride=2, padding=1)
+        self.head = nn.Linear(16, 64)
+
+    def forward(self, input_ids: torch.Tensor) -> transformers.modeling_outputs.BaseModelOutput:
+        batch, tokens = input_ids.shape
+        h = self.conv1d(self.embed(input_ids).transpose(1, 2)).tanh()  # (batch, 16, tokens)
+        grid = h.reshape(batch, 4, 4, tokens)
+        grid = self.pointwise(self.conv2d(grid).tanh())
+        h = self.conv3d(grid.unsqueeze(2)).squeeze(2).reshape(batch, 16, tokens)
+        h = h + self.strided(h).repeat_interleave(2, dim=2)[..., :tokens]
+        return transformers.modeling_outputs.CausalLMOutput(logits=self.head(h.transpose(1, 2).tanh()))
+
+
+def tiny_bert_without_dropout() -> nn.Module:
+    model = tiny_bert()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0  # the two libraries' training-mode forwards are compared
+    return model
+
+
+CONVS = ["embed", "conv1d", "conv2d", "pointwise", "conv3d", "strided", "head"]
 MODELS = {  # name → (model, targets, LoRA options)
     "llama (Linear)": (tiny_llama, LLAMA_TARGETS, {}),
     "gpt2 (Conv1D)": (tiny_gpt2, ["c_attn", "c_proj"], {"fan_in_fan_out": True}),  # as peft wants it said
+    "bert (Embedding)": (tiny_bert_without_dropout, ["word_embeddings", "query", "value"], {}),
+    "convolutions": (ConvNet, CONVS, {}),
 }
 IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
 
@@ -113,19 +150,21 @@ def test_files_both_ways(model, tmp_path):
         torch.testing.assert_close(logits(in_lorakit), expected, rtol=RTOL, atol=ATOL)
 
 
-def test_hot_swapping_a_dora_adapter(tmp_path):
+@pytest.mark.parametrize("model", ["llama (Linear)", "convolutions"])
+def test_hot_swapping_a_dora_adapter(model, tmp_path):
     """A DoRA adapter of a smaller rank and another scaling (4 against the slot's 2) swapped into a DoRA slot computes
     what it computes loaded afresh."""
-    donor = lorakit.get_lora_model(tiny_llama(), LoraConfig(r=2, lora_alpha=8, target_modules=LLAMA_TARGETS,
-                                                             use_dora=True, init_lora_weights=False))  # fmt: skip
+    make, targets, _ = MODELS[model]
+    donor = lorakit.get_lora_model(make(), LoraConfig(r=2, lora_alpha=8, target_modules=targets, use_dora=True,
+                                                      init_lora_weights=False))  # fmt: skip
     lorakit.save_adapter(donor, tmp_path)
-    model = lorakit.get_lora_model(tiny_llama().eval(), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS,
-                                                                    use_dora=True))  # fmt: skip
+    model = lorakit.get_lora_model(make().eval(), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                             use_dora=True))  # fmt: skip
     with torch.no_grad():
         before = logits(model)
         lorakit.hot_swap_adapter(model, tmp_path)
         swapped = logits(model)
-        expected = logits(lorakit.load_adapter(tiny_llama().eval(), tmp_path))
+        expected = logits(lorakit.load_adapter(make().eval(), tmp_path))
     assert ((swapped - before).norm() / before.norm()) > 1e-2
     torch.testing.assert_close(swapped, expected, rtol=RTOL, atol=ATOL)
 
@@ -226,8 +265,11 @@ def test_two_dora_adapters_at_once_and_dropout():
 
 
 def test_dora_where_lorakit_does_not_have_it_is_refused():
-    with pytest.raises(lorakit.LoraError, match=r"DoRA\) is not supported on Embedding layers"):
-        lorakit.get_lora_model(tiny_bert(), LoraConfig(r=2, target_modules=["word_embeddings"], use_dora=True))
+    grouped = nn.ModuleDict({"conv": nn.Conv2d(4, 4, 3, groups=2)})
+    with pytest.raises(lorakit.LoraError, match=r"use_dora=True is not supported on a Conv2d with groups=2"):
+        lorakit.get_lora_model(grouped, LoraConfig(r=2, target_modules=["conv"], use_dora=True))
+    with pytest.raises(lorakit.LoraError, match=r"lora_bias=True is not supported for DoRA"):
+        LoraConfig(r=2, use_dora=True, lora_bias=True)
     model = lorakit.get_lora_model(tiny_llama().eval(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     stacked = lorakit.mixed_batch(model, ["default", "__base__"])
     with pytest.raises(lorakit.LoraError, match=r"DoRA adapters \['default'\] cannot run in a mixed batch"):

@@ -146,6 +146,11 @@ class _LoraFields:
         for name in ("use_rslora", "fan_in_fan_out", "lora_bias", "inference_mode", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise LoraConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.use_dora and self.lora_bias:
+            raise LoraConfigError(
+                "lora_bias=True is not supported for DoRA (use_dora=True): DoRA rescales the adapter's bias with the "
+                "rest of its output, so it could not merge into the base bias (peft refuses it too)"
+            )
         for name in ("task_type", "base_model_name_or_path"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise LoraConfigError(f"{name} must be a string or None, got {getattr(self, name)!r}")
@@ -260,7 +265,8 @@ class LoraConfig(_LoraFields):
             (transformers `Conv1D`), so the field is kept only for peft compatibility.
         layers_to_transform, layers_pattern: restrict list targets to these layer indices.
         lora_bias: give B a bias (peft's `lora_bias`).
-        use_dora: DoRA (a trained magnitude per output, `layers/dora.py`), on Linear and Conv1D layers.
+        use_dora: DoRA (a trained magnitude per output, `layers/dora.py`), on Linear, Conv1D, Conv1d/2d/3d and
+            Embedding layers.
         task_type, base_model_name_or_path, inference_mode: carried for peft compatibility.
 
     Keyword arguments only. An unknown field is a `LoraConfigError` naming the closest real one; peft's own

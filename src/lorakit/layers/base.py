@@ -7,7 +7,8 @@ short file each: `linear.py`, `embedding.py`, `conv.py`) supplies only its math:
   stored under `name` in the containers listed in `adapter_containers` (`ModuleDict`/`ParameterDict`);
 - `reset_adapter(name, init)`: initialise them (`True`, `"gaussian"` or `False`);
 - `add_adapter_output(result, x, name)`: `result + s · branch(x)`, the branch computed in `x`'s dtype;
-- `delta_weights(name)`: `{base parameter name: ΔW}`, what merging adds to the base parameters;
+- `delta_weights(name)`: `{base parameter name: ΔW}`, what merging adds to the base parameters (a kind with
+  DoRA subclasses `DoraLayer` of `dora.py` and names its plain LoRA update `lora_delta_weights`);
 - optionally, for many adapters in one forward (mixed batches, X-LoRA): `stacked_factors(names, dtype,
   one_per_row)` and `add_stacked_output(result, x, stack)`, the stacked form of `layers/stack.py` (docs/design.md §6);
 - optionally, `rank_layout(name)` when A and B do not keep the rank on axes 0 and 1 (for hot swapping).
@@ -160,7 +161,8 @@ class LoraLayer(nn.Module):
     def rank_layout(self, name: str) -> dict[str, tuple[int | None, bool]]:
         """For hot swapping a smaller-rank adapter into adapter `name`'s slot: for each of its parameters (keyed
         as in `adapter_parameters`), the axis of length r (None if none) and whether it carries the scaling.
-        The default: the first container is A `(r, …)`, the second B `(…, r, …)` whose weight and bias carry s."""
+        The default: the first container is A `(r, …)`, the second B `(…, r, …)` whose weight and bias carry s,
+        and DoRA's magnitude has neither."""
         first, second = self.adapter_containers[:2]
         layout: dict[str, tuple[int | None, bool]] = {}
         for key, param in self.adapter_parameters(name).items():
@@ -169,6 +171,8 @@ class LoraLayer(nn.Module):
                 layout[key] = (0, False)
             elif container == second:
                 layout[key] = (1 if param.ndim > 1 else None, True)
+            elif container == "lora_magnitude_vector":  # DoRA's m (layers/dora.py): one per output, unscaled
+                layout[key] = (None, False)
             else:
                 raise LoraError(f"{type(self).__name__}: no rank layout for {key!r}; override rank_layout")
         return layout
@@ -213,8 +217,8 @@ class LoraLayer(nn.Module):
             raise AdapterError(f"adapter {name!r} already exists on this {type(self).__name__}")
         if config.use_dora and not self.supports_dora:
             raise LoraError(
-                f"use_dora=True (DoRA) is not supported on {type(self.base_layer).__name__} layers yet, only on Linear "
-                "and Conv1D ones: leave this module out of target_modules, or use plain LoRA"
+                f"use_dora=True (DoRA) is not supported on {type(self.base_layer).__name__} layers "
+                f"({type(self).__name__}): leave this module out of target_modules, or use plain LoRA"
             )
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha

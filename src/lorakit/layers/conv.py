@@ -10,6 +10,9 @@ A is a convolution `in → r` with the base's kernel size, stride, padding, dila
 
 `B ∘ A` is itself a convolution with A's stride, padding and dilation, so ΔW merges exactly into W. With
 `groups > 1` it is not of W's grouped shape: training, saving and loading work, merging raises.
+
+DoRA (`use_dora`, layers/dora.py) views W as `(out, in·k…)` and B·A flattened as its update; `m` is
+`(1, out, 1, …)`, peft's shape, and broadcasts over the output's channel axis. Not with `groups > 1`.
 """
 
 from __future__ import annotations
@@ -20,14 +23,17 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import LoraConfigError, LoraError, MergeError
-from .base import LoraLayer, adapter_dtype
+from .base import adapter_dtype
+from .dora import DoraLayer
 from .stack import AdapterStack, broadcast_gates
 
 _CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 
-class LoraConv(LoraLayer):
-    """LoRA around an `nn.Conv1d`, `nn.Conv2d` or `nn.Conv3d`."""
+class LoraConv(DoraLayer):
+    """LoRA around an `nn.Conv1d`, `nn.Conv2d` or `nn.Conv3d`; DoRA adapters too (`use_dora`)."""
+
+    adapter_containers = ("lora_A", "lora_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
         super().__init__(base_layer)
@@ -41,6 +47,11 @@ class LoraConv(LoraLayer):
             raise LoraConfigError(
                 f"rank {r} is not divisible by the conv's groups={base.groups}; choose a multiple of {base.groups}"
             )
+        if config.use_dora and base.groups > 1:
+            raise LoraConfigError(
+                f"use_dora=True is not supported on a {self.conv_type.__name__} with groups={base.groups}: its "
+                "update is not a grouped convolution"
+            )
         factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
         self.lora_A[name] = self.conv_type(
             base.in_channels, r, base.kernel_size, stride=base.stride, padding=base.padding,
@@ -49,9 +60,48 @@ class LoraConv(LoraLayer):
         self.lora_B[name] = self.conv_type(
             r, base.out_channels, 1, groups=base.groups, bias=config.lora_bias, **factory
         )
+        self.create_dora_magnitude(name, config, factory)
 
-    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        x = self.dropout_input(x, name)
+    def _with_channel_axis(self, vector: torch.Tensor) -> torch.Tensor:
+        """`vector: (out,)` as `(1, out, 1, …)`, broadcastable against the output `(batch, out, *spatial)`."""
+        return vector.view(1, -1, *(1,) * (self.base_layer.weight.ndim - 2))
+
+    # ----- DoRA's view of the layer (layers/dora.py) ------------------------------------------------------
+
+    def dora_matrices(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (
+            self.base_layer.weight.flatten(1),
+            self.lora_A[name].weight.flatten(1),
+            self.lora_B[name].weight.flatten(1),
+        )
+
+    def weight_from_matrix(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.view(self.base_layer.weight.shape)
+
+    def magnitude_shape(self) -> tuple[int, ...]:
+        return (1, self.base_layer.out_channels, *(1,) * (self.base_layer.weight.ndim - 2))
+
+    def output_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        bias = self.base_layer.bias
+        return None if bias is None else self._with_channel_axis(bias.to(dtype))
+
+    def output_without_bias(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.base_layer._conv_forward(x.to(dtype), self.base_layer.weight.to(dtype), None)
+
+    def add_branch(self, base: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        return self.add_adapter_output(base, x, name, dropout=False)
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if self.runs_dora():
+            return self.forward_with_dora(x, *args, **kwargs)
+        return super().forward(x, *args, **kwargs)
+
+    def add_adapter_output(
+        self, result: torch.Tensor, x: torch.Tensor, name: str, dropout: bool = True
+    ) -> torch.Tensor:
+        """`result + s·B(A(dropout(x)))` (without the dropout when `dropout` is False)."""
+        if dropout:
+            x = self.dropout_input(x, name)
         a, b = self.lora_A[name], self.lora_B[name]
         hidden = a._conv_forward(x, a.weight.to(x.dtype), None)
         out = b._conv_forward(hidden, b.weight.to(x.dtype), None if b.bias is None else b.bias.to(x.dtype))
@@ -90,7 +140,7 @@ class LoraConv(LoraLayer):
                 f"groups={self.base_layer.groups}: its update is not a grouped convolution"
             )
 
-    def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
+    def lora_delta_weights(self, name: str) -> dict[str, torch.Tensor]:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         s = self.scaling[name]
         weight = self.base_layer.weight

@@ -20,10 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraConfig
-from ..errors import LoraError, MergeError
-from . import dora, linear_fast
-from .base import LoraLayer, adapter_dtype
-from .exact import merged_value
+from . import linear_fast
+from .base import adapter_dtype
+from .dora import DoraLayer
 from .stack import AdapterStack, broadcast_gates
 
 
@@ -32,11 +31,10 @@ def is_transformers_conv1d(module: nn.Module) -> bool:
     return any(cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.") for cls in type(module).__mro__)
 
 
-class LoraLinear(LoraLayer):
+class LoraLinear(DoraLayer):
     """LoRA around an `nn.Linear` or a transformers `Conv1D`; DoRA adapters too (`use_dora`, layers/dora.py)."""
 
     adapter_containers = ("lora_A", "lora_B", "lora_magnitude_vector")
-    supports_dora = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -44,8 +42,6 @@ class LoraLinear(LoraLayer):
         self.in_features, self.out_features = self.base_features(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m: (out,), for the adapters that have one
-        self._dora_norms: dict[str, tuple[tuple, torch.Tensor]] = {}  # adapter → (what it was computed from, n)
 
     def base_features(self, base_layer: nn.Module) -> tuple[int, int]:
         """`(in, out)` of the base layer, read from its weight's shape (`(in, out)` for Conv1D)."""
@@ -53,87 +49,52 @@ class LoraLinear(LoraLayer):
         return tuple(weight.shape) if self.fan_in_fan_out else (weight.shape[1], weight.shape[0])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        dora_runs = self.lora_magnitude_vector and self.adapter_stack is None
-        if dora_runs and any(name in self.lora_magnitude_vector for name in self.forward_adapters):
-            return self._forward_with_dora(x, *args, **kwargs)
+        if self.runs_dora():
+            return self.forward_with_dora(x, *args, **kwargs)
         if not args and not kwargs:
             out = linear_fast.single_adapter_forward(self, x)  # None where no shortcut applies
             if out is not None:
                 return out
         return super().forward(x, *args, **kwargs)
 
-    def _dora_norm(self, name: str) -> torch.Tensor:
-        """DoRA adapter `name`'s `n = ‖W + s·B A‖` per output (detached), kept while W, A and B are unchanged: at
-        inference it costs nothing after the first forward; in training the optimizer's step changes A and B.
-        A write through `.data`, which torch does not count as a change, is not seen (lorakit writes none)."""
-        weight, a, b = self.weight_out_in(), self.lora_A[name].weight, self.lora_B[name].weight
-        # torch counts every in-place change of a tensor in `_version` (an optimizer step, copy_, a merge)
-        key = (*(t.data_ptr() for t in (weight, a, b)), weight._version, a._version, b._version, self.scaling[name])
-        cached = self._dora_norms.get(name)
-        if cached is None or cached[0] != key:
-            cached = self._dora_norms[name] = (key, dora.weight_norm(weight, a, b, self.scaling[name]))
-        return cached[1]
-
     def create_adapter(self, name: str, r: int, config: LoraConfig) -> None:
         weight = self.base_layer.weight
         factory = {"device": weight.device, "dtype": adapter_dtype(weight.dtype)}
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **factory)
-        if config.use_dora:
-            self.lora_magnitude_vector[name] = nn.Parameter(torch.ones(self.out_features, **factory))
-            self._dora_norms.pop(name, None)  # of an earlier adapter of that name
-
-    def delete_adapter(self, name: str) -> None:
-        super().delete_adapter(name)
-        self._dora_norms.pop(name, None)
-
-    def reset_adapter(self, name: str, init: bool | str) -> None:
-        super().reset_adapter(name, init)
-        if name in self.lora_magnitude_vector:  # m = n: the adapter starts as its LoRA part alone would
-            with torch.no_grad():
-                a, b = self.lora_A[name].weight, self.lora_B[name].weight
-                self.lora_magnitude_vector[name].copy_(dora.weight_norm(self.weight_out_in(), a, b, self.scaling[name]))
+        self.create_dora_magnitude(name, config, factory)
 
     def weight_out_in(self) -> torch.Tensor:
         """The base weight as `(out, in)` (a view; Conv1D stores it `(in, out)`)."""
         weight = self.base_layer.weight
         return weight.T if self.fan_in_fan_out else weight
 
-    def _forward_with_dora(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The forward when a DoRA adapter runs, adapters in their active order as peft runs them. A DoRA adapter
-        rescales what the layer computed so far without its bias, `y`, and adds its branch (layers/dora.py):
+    # ----- DoRA's view of the layer (layers/dora.py) ------------------------------------------------------
 
-            y ← f ⊙ (y + s·B(A x))             (with dropout on: y ← y + (f − 1) ⊙ (x' Wᵀ) + f ⊙ s·B(A x'),
-                                                 x' the dropped-out input, as peft computes it)
+    def dora_matrices(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.weight_out_in(), self.lora_A[name].weight, self.lora_B[name].weight
 
-        the branch accumulating into `y` in its GEMM and one fused pass scaling and adding the bias back. Plain
-        LoRA adapters add their branch as always."""
-        if self.merged_adapters and self.training and torch.is_grad_enabled():
-            self._refuse_training_merged()
-        result = self.base_layer(x, *args, **kwargs)
+    def weight_from_matrix(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.T if self.fan_in_fan_out else delta
+
+    def magnitude_shape(self) -> tuple[int, ...]:
+        return (self.out_features,)
+
+    def output_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         bias = getattr(self.base_layer, "bias", None)
-        for name in self.forward_adapters:
-            if name not in self.lora_magnitude_vector:
-                result = self.add_adapter_output(result, x, name)
-            elif self.lora_dropout_p[name] and self.training:
-                dropped = self.dropout_input(x, name).to(result.dtype)
-                own_base = F.linear(dropped, self.weight_out_in().to(result.dtype))
-                factor, combined = self._dora_parts(dropped, name, own_base)
-                result = result + (combined * factor - own_base)
-            else:
-                factor, combined = self._dora_parts(x, name, result if bias is None else result - bias)
-                result = combined * factor if bias is None else torch.addcmul(bias.to(result.dtype), combined, factor)
-        return result
+        return None if bias is None else bias.to(dtype)
 
-    def _dora_parts(self, x: torch.Tensor, name: str, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`f = m / n` `(out,)` and `base + s·B(A x)` for DoRA adapter `name`, in `base`'s dtype."""
+    def output_without_bias(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return F.linear(x.to(dtype), self.weight_out_in().to(dtype))
+
+    def add_branch(self, base: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """`base + s·B(A x)`: the branch's second GEMM accumulates into `base` (s as `addmm`'s alpha)."""
         a, b, s, dtype = self.lora_A[name].weight, self.lora_B[name], self.scaling[name], base.dtype
-        factor = (self.lora_magnitude_vector[name] / self._dora_norm(name)).to(dtype)
         hidden = F.linear(x.reshape(-1, self.in_features).to(dtype), a.to(dtype))
         combined = base.reshape(-1, self.out_features).addmm(hidden, b.weight.to(dtype).T, alpha=s)
         if b.bias is not None:
             combined = combined + (b.bias * s).to(dtype)
-        return factor, combined.view(base.shape)
+        return combined.view(base.shape)
 
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """`result + s·B(A(dropout(x)))` in `result`'s dtype: `h = dropout(x) @ A.T` `(rows, r)`, then one GEMM
@@ -157,12 +118,6 @@ class LoraLinear(LoraLayer):
         return adapters >= 16 or (adapters >= 4 and tokens_per_row >= 8)
 
     def stacked_factors(self, names: list[str], dtype: torch.dtype, one_per_row: bool) -> dict[str, torch.Tensor]:
-        dora_adapters = [n for n in names if n in self.lora_magnitude_vector]
-        if dora_adapters:
-            raise LoraError(
-                f"DoRA adapters {dora_adapters} cannot run in a mixed batch or as X-LoRA experts: DoRA rescales the "
-                "whole layer output per adapter, which the stacked forward cannot express"
-            )
         factors: dict[str, torch.Tensor] = {}
         if one_per_row:
             # (n + 1, r_max, in) and (n + 1, r_max, out): A and (s·B).T zero-padded to the largest rank, plus a
@@ -213,47 +168,10 @@ class LoraLinear(LoraLayer):
                           bt_rows[:n].reshape(n * r_max, self.out_features))  # fmt: skip
         return out.view(result.shape)
 
-    def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
+    def lora_delta_weights(self, name: str) -> dict[str, torch.Tensor]:
         a, b = self.lora_A[name], self.lora_B[name]
-        if name in self.lora_magnitude_vector:
-            magnitude = self.lora_magnitude_vector[name]
-            delta = dora.delta_weight(self.weight_out_in(), a.weight, b.weight, self.scaling[name], magnitude)
-        else:
-            delta = (b.weight @ a.weight) * self.scaling[name]
+        delta = (b.weight @ a.weight) * self.scaling[name]
         deltas = {"weight": delta.T if self.fan_in_fan_out else delta}
         if b.bias is not None:
             deltas["bias"] = b.bias * self.scaling[name]
         return deltas
-
-    def check_mergeable(self, name: str) -> None:
-        super().check_mergeable(name)
-        if len(self.active_adapters) > 1 and any(n in self.lora_magnitude_vector for n in self.active_adapters):
-            raise MergeError(
-                f"cannot merge adapter {name!r}: this layer runs a DoRA adapter beside others "
-                f"({self.active_adapters}), and a DoRA adapter rescales what the adapters before it computed, so "
-                "their updates do not add up. Activate the DoRA adapter alone to merge it"
-            )
-
-    def merge_parameter(self, param_name: str, delta: torch.Tensor, names: list[str]) -> Any:
-        # A DoRA update depends on W itself, so while merged it cannot be recomputed for the exact residual of
-        # layers/exact.py: keep a copy of W instead (its size, in its dtype).
-        if param_name == "weight" and any(n in self.lora_magnitude_vector for n in names):
-            weight = self.base_layer.weight.data
-            original = weight.clone()
-            weight.copy_(merged_value(weight, delta))
-            return original
-        return super().merge_parameter(param_name, delta, names)
-
-    def restore_parameter(self, param_name: str, delta: torch.Tensor, residual: Any) -> None:
-        if isinstance(residual, torch.Tensor):
-            self._base_param(param_name).data.copy_(residual)
-            return
-        super().restore_parameter(param_name, delta, residual)
-
-    def rank_layout(self, name: str) -> dict[str, tuple[int | None, bool]]:
-        layout: dict[str, tuple[int | None, bool]] = {"lora_A.weight": (0, False), "lora_B.weight": (1, True)}
-        if self.lora_B[name].bias is not None:
-            layout["lora_B.bias"] = (None, True)
-        if name in self.lora_magnitude_vector:
-            layout["lora_magnitude_vector"] = (None, False)  # one per output: no rank axis, no scaling
-        return layout
