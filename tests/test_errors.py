@@ -65,6 +65,15 @@ BAD_CALLS: list[tuple[str, Callable[[Path], object]]] = [
     ("prepare for k-bit training: not a module", lambda _: lorakit.prepare_model_for_kbit_training(None)),
     ("LoRA+: a plain model", lambda _: lorakit.lora_plus_param_groups(tiny_llama(), lr=1e-3)),
     ("LoRA+: a learning rate of zero", lambda _: lorakit.lora_plus_param_groups(lora_llama(), lr=0.0)),
+    ("weighted: a plain model", lambda _: lorakit.add_weighted_adapter(tiny_llama(), ["default"], [1.0], "mix")),
+    (
+        "weighted: an unknown adapter",
+        lambda _: lorakit.add_weighted_adapter(lora_llama(), ["default", "nope"], [1.0, 1.0], "mix"),
+    ),
+    (
+        "weighted: an unknown combination type",
+        lambda _: lorakit.add_weighted_adapter(lora_llama(), ["default"], [1.0], "mix", combination_type="mean"),
+    ),
     ("disable: a plain model", lambda _: lorakit.disable_adapters(tiny_llama()).__enter__()),
     (
         "merge_exactly: an integer weight",

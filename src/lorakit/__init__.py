@@ -42,6 +42,7 @@ from .model import (
 )
 from .summary import AdapterSummary, ModelSummary, summary
 from .targets import DEFAULT_TARGET_MODULES
+from .weighted import add_weighted_adapter
 from .xlora import XLoraConfig, get_xlora_model, latest_scalings, remove_xlora
 
 __version__ = "0.1.0"
@@ -67,6 +68,7 @@ __all__ = [
     "active_adapters",
     "adapter_names",
     "add_adapter",
+    "add_weighted_adapter",
     "delete_adapter",
     "dequantize",
     "disable_adapters",
