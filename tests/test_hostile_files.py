@@ -544,7 +544,8 @@ _FIELD_ORACLE = {
     "lora_bias": lambda v: v is False,
     "use_dora": lambda v: v is False,
     "peft_type": lambda v: v == "LORA",
-    "init_lora_weights": lambda v: (type(v) is bool) or v in ("gaussian", "eva", "orthogonal", "loftq", "mica"),
+    "init_lora_weights": lambda v: (type(v) is bool)
+    or v in ("gaussian", "eva", "orthogonal", "loftq", "mica", "pissa", "olora"),
 }
 _SPECIAL_VALUES = [
     0,
@@ -621,7 +622,7 @@ BAD_CONFIGS = {
     "use_rslora=yes": _with(use_rslora="yes"),
     "peft_type=LOHA": _with(peft_type="LOHA"),
     "use_dora": _with(use_dora=True),
-    "pissa": _with(init_lora_weights="pissa"),  # its base must be W's residual, which a file does not carry
+    "pissa_niter_x": _with(init_lora_weights="pissa_niter_x"),
     "lora_bias": _with(lora_bias=True),
     "modules_to_save-missing": _with(modules_to_save=["missing"]),
     "layers_to_transform='0'": _with(layers_to_transform="0"),
@@ -653,6 +654,8 @@ GOOD_CONFIGS = {
     "eva": _with(init_lora_weights="eva"),
     "loftq": _with(init_lora_weights="loftq"),
     "mica": _with(init_lora_weights="mica"),
+    # ("pissa" and "olora" files load too, taking their start out of the base again as peft does, so the base
+    # changes: test_init_schemes.py checks what they load to)
     "patterns": _with(rank_pattern={"1": 2}, alpha_pattern={"0": 16}),
     "unused-huge-r": _with(r=10**9, rank_pattern={"0": 2, "1": 2}),
     "minimal": b'{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["0", "1"], "someday": null}',

@@ -25,7 +25,8 @@ from typing import Any
 from .errors import LoraConfigError
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = (True, False, "gaussian")
+INIT_MODES = (True, False, "gaussian", "pissa", "olora", "orthogonal")  # and "pissa_niter_<k>"
+_PISSA_NITER = re.compile(r"pissa_niter_(0|[1-9][0-9]*)")
 
 # peft 0.21 fields that lorakit does not model: the value peft writes when the feature is off (lorakit writes
 # these into every adapter_config.json, as peft does), and whether a value other than that changes what the
@@ -59,10 +60,6 @@ _INITS_NOT_SUPPORTED = {
     "eva": "EVA: A from the activations of data, which needs a data loader. A trained EVA adapter file loads like "
     "any other",
     "corda": "CorDA: A and B from the covariance of data, which needs a data loader and changes the base weights",
-    "pissa": "PiSSA: A and B from the SVD of W, and the base keeps the residual. A PiSSA adapter converted to a "
-    "plain LoRA of the original weights (peft's path_initial_model_for_weight_conversion) loads",
-    "olora": "OLoRA: A and B from a QR decomposition of W, and the base keeps the residual",
-    "orthogonal": "orthogonal A and B. A trained adapter file that names it loads like any other",
     "mica": "MiCA. A trained adapter file that names it loads like any other",
 }
 
@@ -71,7 +68,7 @@ def _unsupported_init(value: object) -> str | None:
     """What peft's init scheme `value` is, if lorakit does not have it; else None."""
     if not isinstance(value, str):
         return None
-    return _INITS_NOT_SUPPORTED.get("pissa" if value.startswith("pissa_niter_") else value)
+    return _INITS_NOT_SUPPORTED.get(value)
 
 
 # Written by peft into every config; checked (`peft_type`) or ignored (`peft_version`).
@@ -117,14 +114,18 @@ class _LoraFields:
         if unsupported is not None:
             raise LoraConfigError(
                 f"init_lora_weights={self.init_lora_weights!r} ({unsupported}) is not supported by lorakit; "
-                "initialise with True or 'gaussian'"
+                "initialise with True, 'gaussian', 'pissa', 'olora' or 'orthogonal'"
             )
-        if not any(self.init_lora_weights is m or self.init_lora_weights == m for m in INIT_MODES) or (
-            not isinstance(self.init_lora_weights, (bool, str))  # 1 or 0.0 compare equal to True / False
+        init = self.init_lora_weights
+        if not isinstance(init, (bool, str)) or not (  # 1 or 0.0 compare equal to True / False
+            any(init is m or init == m for m in INIT_MODES) or _PISSA_NITER.fullmatch(str(init))
         ):
             raise LoraConfigError(
-                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+                "init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<k>' (k iterations of a "
+                f"randomized SVD), 'olora' or 'orthogonal', got {init!r}"
             )
+        if self.lora_bias and init not in (True, False):
+            raise LoraConfigError(f"lora_bias=True needs init_lora_weights True or False (as peft), got {init!r}")
         self.target_modules = _name_list("target_modules", self.target_modules)
         self.exclude_modules = _name_list("exclude_modules", self.exclude_modules)
         self.layers_pattern = _name_list("layers_pattern", self.layers_pattern)
@@ -256,8 +257,10 @@ class LoraConfig(_LoraFields):
         exclude_modules: same forms as `target_modules`; checked first.
         bias: `"none"`, `"all"` (train every bias) or `"lora_only"` (train the biases of adapted layers).
         use_rslora: use `s = lora_alpha / sqrt(r)`.
-        init_lora_weights: `True` (A kaiming-uniform, B = 0), `"gaussian"` (A ~ N(0, 1/r), B = 0) or
-            `False` (both random; for tests).
+        init_lora_weights: `True` (A kaiming-uniform, B = 0), `"gaussian"` (A ~ N(0, 1/r), B = 0), `False`
+            (both random; for tests), or on Linear/Conv1D layers `"pissa"`, `"pissa_niter_<k>"` and `"olora"`
+            (A and B from the SVD or QR of W, the base keeping the residual) or `"orthogonal"`
+            (`layers/init_schemes.py`).
         modules_to_save: modules (names or suffixes) that get a full trainable copy, e.g. a classifier head.
         rank_pattern, alpha_pattern: per-module overrides of `r` / `lora_alpha`; the first key (in dict
             order) with `re.match(rf"(.*\\.)?({key})$", name)` wins.

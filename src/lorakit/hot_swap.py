@@ -20,6 +20,7 @@ from .formats.files import as_path
 from .formats.peft import adapter_parameters, plan_from_file, read_adapter_config
 from .formats.readers import CONFIG_NAME, match_keys_and_shapes, open_weights, quoted_list, resolve_adapter_dir
 from .layers import LoraLayer
+from .layers.init_schemes import changes_base
 from .model import lora_state
 
 
@@ -107,6 +108,13 @@ def _check_swappable(
     for name, layer in layers.items():
         if adapter_name in layer.merged_adapters or layer.adapter_stack is not None:
             raise LoraError(f"hot_swap_adapter: {adapter_name!r} is merged or in a mixed batch in {name!r}")
+    for which, init in (("the file's", config.init_lora_weights), ("the slot's", slot_config.init_lora_weights)):
+        if changes_base(init):
+            raise LoraError(
+                f"hot_swap_adapter: {which} adapter was initialised with {init!r}, which takes its start out of the "
+                "base weights, so its weights alone do not say what it computes; swap a plain LoRA (save PiSSA/OLoRA "
+                "adapters with convert_to_lora=True)"
+            )
     if targets != set(layers):
         raise LoraError(
             f"{directory} targets other modules than adapter {adapter_name!r}: only in the file "

@@ -25,6 +25,7 @@ from torch import nn
 from .config import LoraConfig
 from .errors import AdapterError, LoraError, MergeError
 from .layers import AdapterModule, LoraLayer, LoraLinear, LoraQuantizedLinear, lora_layer_type_for, weight_count
+from .layers.init_schemes import changes_base
 from .layers.linear import is_transformers_conv1d
 from .layers.modules_to_save import ModulesToSave
 from .targets import candidate_modules, find_targets, is_module_to_save, parameter_owners, resolve_config
@@ -137,6 +138,14 @@ def add_planned_adapter(
     uses_conv1d = any(is_transformers_conv1d(getattr(t.module, "base_layer", t.module)) for t in targets)
     if config.fan_in_fan_out != uses_conv1d:
         config = config.replace(fan_in_fan_out=uses_conv1d)
+    changing = [n for n, c in [*state.configs.items(), (adapter_name, config)] if changes_base(c.init_lora_weights)]
+    if changing and state.configs:
+        warnings.warn(
+            f"adapters {changing} (PiSSA/OLoRA) took their start out of the base weights, which the model's other "
+            "adapters see too. Consider one such adapter per model, or save it converted to a plain LoRA "
+            "(save_adapter(..., convert_to_lora=True))",
+            stacklevel=3,
+        )
     with undo_on_failure(model):
         parents = _parent_index(model)
         for target in targets:
@@ -189,7 +198,10 @@ def undo_on_failure(model: nn.Module) -> Iterator[list[Callable[[], object]]]:
             new_state.frozen_load_check.remove()
         for module, names in adapters.items():
             for name in set(module.adapter_names) - names:
-                module.delete_adapter(name)
+                module.delete_adapter(name)  # which gives back what a PiSSA/OLoRA start took from the base
+        for module in _adapter_modules(model):
+            if module not in adapters and isinstance(module, LoraLayer):
+                module.restore_base_changes()  # a new layer, dropped below: its base module stays
         for parent, before in children.items():
             for name in set(parent._modules) - set(before):
                 delattr(parent, name)
@@ -395,13 +407,18 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     `AdapterError`, with nothing changed, for an adapter that is merged (unmerge first), the model's last
     adapter (`lorakit.unload(model)` removes the LoRA layers altogether), or its only active one (activate
     another first: lorakit does not pick one for you, and a model without active adapters would silently run
-    as the base model).
+    as the base model). A PiSSA/OLoRA adapter gives back, to the bit, what it took out of the base weights
+    (`AdapterError` if another such adapter changed them after it: delete that one first).
     """
     state = lora_state(model)
     _existing(state, adapter_name)
     for name, layer in lora_layers(model):
         if adapter_name in layer.merged_adapters:
             raise AdapterError(f"adapter {adapter_name!r} is merged (in {name!r}); unmerge before deleting it")
+        try:
+            layer.check_deletable(adapter_name)
+        except AdapterError as error:
+            raise AdapterError(f"{name!r}: {error}") from None
         if layer.adapter_stack is not None:
             raise AdapterError(f"{name!r} runs a mixed batch or X-LoRA; end it (remove_xlora) before deleting adapters")
     if list(state.configs) == [adapter_name]:
@@ -586,8 +603,11 @@ def _dequantize(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Drop every adapter (unmerging first) and put the original modules back. Returns `model`."""
+    """Drop every adapter (unmerging first) and put the original modules back, with every bit of their weights:
+    what PiSSA/OLoRA adapters took out of the base weights is given back. Returns `model`."""
     unmerge(model)
+    for _, layer in lora_layers(model):
+        layer.restore_base_changes()
     return _unwrap(model, keep_trained_copies=False)
 
 

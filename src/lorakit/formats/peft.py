@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,14 @@ from torch import nn
 from ..config import PEFT_FIELDS_NOT_MODELED, LoraConfig
 from ..errors import AdapterError, LoraError
 from ..layers import LoraEmbedding, LoraLayer, lora_layer_type_for
+from ..layers.init_schemes import changes_base
 from ..layers.modules_to_save import ModulesToSave
 from ..model import (
     AdapterTarget,
     add_planned_adapter,
     bias_parameters,
     check_module,
+    lora_layers,
     lora_state,
     undo_on_failure,
     watch_frozen_load,
@@ -130,27 +133,76 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
 
 
 def adapter_files(
-    model: nn.Module, adapter_name: str = "default", state_dict: Mapping[str, torch.Tensor] | None = None
-) -> dict[str, bytes]:
+    model: nn.Module, adapter_name: str = "default", state_dict: Mapping[str, torch.Tensor] | None = None,
+    convert_to_lora: bool = False,
+) -> dict[str, bytes]:  # fmt: skip
     """The bytes of `adapter_config.json` and `adapter_model.safetensors` for adapter `adapter_name`. With
-    `state_dict` (keyed as `model.state_dict()`), the tensors come from it instead of the parameters."""
+    `state_dict` (keyed as `model.state_dict()`), the tensors come from it instead of the parameters; with
+    `convert_to_lora`, a PiSSA/OLoRA adapter is written as the plain LoRA of the original weights it equals."""
     from safetensors.torch import save as safetensors_bytes
 
     params = adapter_parameters(model, adapter_name)
     if state_dict is not None:
         names = {id(param): name for name, param in model.named_parameters(remove_duplicate=False)}
         params = {key: state_dict.get(names.get(id(param), ""), param) for key, param in params.items()}
-    tensors = {PEFT_PREFIX + key: value.detach().to("cpu", copy=True).contiguous() for key, value in params.items()}
     config = lora_state(model).configs[adapter_name]
+    if convert_to_lora:
+        config, params = _as_plain_lora(model, adapter_name, config, params)
+    tensors = {PEFT_PREFIX + key: value.detach().to("cpu", copy=True).contiguous() for key, value in params.items()}
     config_text = json.dumps(peft_config_dict(config, model), indent=2) + "\n"
     return {WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"}), CONFIG_NAME: config_text.encode()}
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+def _as_plain_lora(
+    model: nn.Module, adapter_name: str, config: LoraConfig, params: dict[str, torch.Tensor]
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """A PiSSA/OLoRA adapter as the plain LoRA of the original base weights that it equals, as peft converts it
+    (`path_initial_model_for_weight_conversion`): on each layer, with `A₀, B₀` its start,
+    `s·B A − s·B₀ A₀ = s·[B, −B₀] [A; A₀]`, so A' = `[A; A₀]` `(2r, in)`, B' = `[B, −B₀]` `(out, 2r)`, and the
+    ranks and alphas doubled (alphas ×√2 with rsLoRA) to keep every scaling."""
+    if not changes_base(config.init_lora_weights):
+        raise LoraError(
+            f"convert_to_lora=True converts PiSSA/OLoRA adapters; {adapter_name!r} was initialised with "
+            f"init_lora_weights={config.init_lora_weights!r} and is a plain LoRA already"
+        )
+    if config.use_dora:
+        raise LoraError(f"adapter {adapter_name!r} is a DoRA adapter, whose update is not linear in A and B: "
+                        "it cannot be converted to a plain LoRA")  # fmt: skip
+    params = dict(params)
+    for path, layer in lora_layers(model):
+        if adapter_name not in layer.r:
+            continue
+        start = layer.initial_factors(adapter_name)
+        if start is None:
+            raise LoraError(f"{path!r} holds no start of adapter {adapter_name!r} (loaded from a file without one?)")
+        a0, b0 = start
+        a_key, b_key = f"{path}.lora_A.weight", f"{path}.lora_B.weight"
+        params[a_key] = torch.cat([params[a_key].detach(), a0.to(params[a_key].device)], dim=0)
+        params[b_key] = torch.cat([params[b_key].detach(), -b0.to(params[b_key].device)], dim=1)
+    alpha_factor = 2**0.5 if config.use_rslora else 2
+    converted = config.replace(
+        init_lora_weights=True,
+        r=2 * config.r,
+        lora_alpha=alpha_factor * config.lora_alpha,
+        rank_pattern={key: 2 * r for key, r in config.rank_pattern.items()},
+        alpha_pattern={key: alpha_factor * alpha for key, alpha in config.alpha_pattern.items()},
+    )
+    return converted, params
+
+
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", convert_to_lora: bool = False
+) -> Path:
     """Write adapter `adapter_name` to `directory` as peft does: `adapter_config.json` and
-    `adapter_model.safetensors`. Each file is replaced atomically; returns the directory's path."""
+    `adapter_model.safetensors`. Each file is replaced atomically; returns the directory's path.
+
+    `convert_to_lora=True`, for a PiSSA/OLoRA adapter (whose base keeps a residual): write it as the plain LoRA
+    of the original base weights that it equals (rank 2r), which loads onto the unchanged base model anywhere
+    (peft's `path_initial_model_for_weight_conversion`; lorakit keeps the start it needs in memory)."""
     directory = as_path(directory, "directory")
-    _write(directory, adapter_files(model, adapter_name))
+    if not isinstance(convert_to_lora, bool):
+        raise LoraError(f"convert_to_lora must be True or False, got {convert_to_lora!r}")
+    _write(directory, adapter_files(model, adapter_name, convert_to_lora=convert_to_lora))
     return directory
 
 
@@ -219,6 +271,13 @@ def load_adapter(
     directory = resolve_adapter_dir(path)
     config = read_adapter_config(directory)
     check_module(model)
+    if str(config.init_lora_weights).startswith("pissa_niter_"):
+        warnings.warn(
+            f"{directory}: a PiSSA adapter from a randomized SVD ({config.init_lora_weights}); loading it takes the "
+            "start out of the base weights again, as peft does, and a randomized SVD gives the residual it trained "
+            "on only with the same random state. Save PiSSA adapters with convert_to_lora=True to load them exactly",
+            stacklevel=2,
+        )
     with open_weights(directory) as weights, undo_on_failure(model):
         config, targets = plan_from_file(model, config, weights, directory)
         add_planned_adapter(model, adapter_name, config, targets, trainable)

@@ -29,6 +29,7 @@ from torch import nn
 from ..config import LoraConfig, lora_scaling
 from ..errors import AdapterError, LoraError, MergeError
 from .exact import merge_exactly, merged_value, unmerge_exactly
+from .init_schemes import BaseChange
 from .stack import AdapterStack, add_stacked_output, build_stack
 
 
@@ -75,6 +76,8 @@ class LoraLayer(nn.Module):
     adapter_containers: tuple[str, ...] = ("lora_A", "lora_B")
     #: Whether the kind has DoRA (`use_dora=True`); `add_adapter` refuses it by name elsewhere.
     supports_dora: bool = False
+    #: Whether the kind has the initialisations of `init_schemes.py` ("pissa", "olora", "orthogonal").
+    supports_weight_inits: bool = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -91,6 +94,8 @@ class LoraLayer(nn.Module):
         # so the forward does no bookkeeping (and torch.compile guards on a plain list).
         self.forward_adapters: list[str] = []
         self._residuals: dict[str, Any] = {}  # base parameter → what restores it (a MergeResidual by default)
+        # PiSSA/OLoRA adapters' starts taken out of the base weight, oldest first (layers/init_schemes.py)
+        self.base_changes: list[BaseChange] = []
         self.adapter_stack: AdapterStack | None = None  # set while a mixed batch or X-LoRA runs the layer
 
     def __getattr__(self, name: str) -> Any:
@@ -220,6 +225,13 @@ class LoraLayer(nn.Module):
                 f"use_dora=True (DoRA) is not supported on {type(self.base_layer).__name__} layers "
                 f"({type(self).__name__}): leave this module out of target_modules, or use plain LoRA"
             )
+        init = config.init_lora_weights
+        if isinstance(init, str) and init != "gaussian" and not self.supports_weight_inits:
+            raise LoraError(
+                f"init_lora_weights={init!r} is not supported on {type(self.base_layer).__name__} layers "
+                f"({type(self).__name__}), only on Linear and Conv1D ones: leave this module out of target_modules, "
+                "or initialise with True or 'gaussian'"
+            )
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = lora_scaling(lora_alpha, r, config.use_rslora)
@@ -228,9 +240,24 @@ class LoraLayer(nn.Module):
         self.create_adapter(name, r, config)
         self.reset_adapter(name, config.init_lora_weights)
 
-    def delete_adapter(self, name: str) -> None:
+    def check_deletable(self, name: str) -> None:
+        """Raise `AdapterError` if adapter `name` cannot be deleted now: it is merged, or it took its start out of
+        the base weight (PiSSA, OLoRA), which deleting gives back, and that needs nothing merged and no later such
+        adapter on this layer."""
         if name in self.merged_adapters:
             raise AdapterError(f"adapter {name!r} is merged; unmerge it before deleting it")
+        changed_by = [change.adapter for change in self.base_changes]
+        if name in changed_by and (self.merged_adapters or changed_by[-1] != name):
+            raise AdapterError(
+                f"adapter {name!r} took its start out of this {type(self.base_layer).__name__}'s weight, which "
+                "deleting it puts back: " + (f"unmerge {self.merged_adapters} first" if self.merged_adapters else
+                f"delete {changed_by[changed_by.index(name) + 1:]}, which changed the weight after it, first")
+            )  # fmt: skip
+
+    def delete_adapter(self, name: str) -> None:
+        self.check_deletable(name)
+        if self.base_changes and self.base_changes[-1].adapter == name:
+            self.restore_base_changes(keep=len(self.base_changes) - 1)
         for container in self.adapter_containers:
             holder = getattr(self, container)
             if name in holder:
@@ -399,9 +426,28 @@ class LoraLayer(nn.Module):
             self.restore_parameter(param_name, delta, self._residuals[param_name])
             del self._residuals[param_name]  # only once restored: a failed restore can be retried
 
+    def restore_base_changes(self, keep: int = 0) -> None:
+        """Give the base weight back what PiSSA/OLoRA adapters took out of it at their start, newest first, down
+        to the `keep` oldest: every bit of the weight as it was before them. Nothing may be merged."""
+        if self.merged_adapters:
+            raise MergeError(f"unmerge {self.merged_adapters} before restoring the base weights")
+        with torch.no_grad():
+            while len(self.base_changes) > keep:
+                self.base_changes[-1].restore(self._base_param("weight").data)
+                self.base_changes.pop()
+
+    def initial_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`(A₀, B₀)` of adapter `name` if it took its start out of the base weight (PiSSA, OLoRA), else None."""
+        for change in self.base_changes:
+            if change.adapter == name:
+                return change.a, change.b
+        return None
+
     def drop_merge_residuals(self) -> None:
-        """Forget what restores the base weights: the merge becomes permanent (`merge_and_unload`)."""
+        """Forget what restores the base weights: the merge becomes permanent (`merge_and_unload`), and so do
+        the residual weights PiSSA/OLoRA adapters left."""
         self._residuals.clear()
+        self.base_changes.clear()
         self.merged_adapters = []
         self._update_forward_adapters()
 

@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraConfig
-from . import linear_fast
+from ..errors import LoraError
+from . import init_schemes, linear_fast
 from .base import adapter_dtype
 from .dora import DoraLayer
+from .init_schemes import BaseChange
 from .stack import AdapterStack, broadcast_gates
 
 
@@ -35,6 +37,7 @@ class LoraLinear(DoraLayer):
     """LoRA around an `nn.Linear` or a transformers `Conv1D`; DoRA adapters too (`use_dora`, layers/dora.py)."""
 
     adapter_containers = ("lora_A", "lora_B", "lora_magnitude_vector")
+    supports_weight_inits = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -63,6 +66,32 @@ class LoraLinear(DoraLayer):
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **factory)
         self.create_dora_magnitude(name, config, factory)
+
+    def reset_adapter(self, name: str, init: bool | str) -> None:
+        """As `LoraLayer.reset_adapter`, plus `"pissa"`, `"pissa_niter_<k>"`, `"olora"` (the base weight keeps the
+        residual) and `"orthogonal"` (layers/init_schemes.py)."""
+        if init not in ("pissa", "olora", "orthogonal") and not init_schemes.changes_base(init):
+            return super().reset_adapter(name, init)
+        weight, r, s = self.base_layer.weight, self.r[name], self.scaling[name]
+        if init == "orthogonal":
+            a, b = init_schemes.orthogonal_factors(self.in_features, self.out_features, r)
+            a, b = a.to(weight.dtype), b.to(weight.dtype)  # peft keeps them in the base's dtype
+        else:
+            if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise LoraError(
+                    f"init_lora_weights={init!r} needs a float32, float16 or bfloat16 weight, got {weight.dtype}"
+                )
+            matrix = self.weight_out_in().detach().float()
+            if init == "olora":
+                a, b = init_schemes.olora_factors(matrix, r)
+            else:
+                a, b = init_schemes.pissa_factors(matrix, r, s, init_schemes.pissa_niter(init))
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+        with torch.no_grad():
+            lora_a.copy_(a)
+            lora_b.copy_(b)
+            if init_schemes.changes_base(init):
+                self.base_changes.append(BaseChange.apply(weight.data, name, lora_a, lora_b, s, self.fan_in_fan_out))
 
     def weight_out_in(self) -> torch.Tensor:
         """The base weight as `(out, in)` (a view; Conv1D stores it `(in, out)`)."""

@@ -126,6 +126,7 @@ class LoraQuantizedLinear(LoraLinear):
     """LoRA around a linear layer with a quantized weight. Subclasses supply the quantization (module doc)."""
 
     supports_dora = False  # DoRA's norm and base output would need deq(W) in every forward: not yet
+    supports_weight_inits = False  # PiSSA's residual would be requantized: not yet
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
