@@ -191,6 +191,34 @@ def test_mistralrs_serves_an_adapter_trained_on_a_4bit_base(tmp_path, monkeypatc
     assert served_greedy(served, None) == base_tokens
 
 
+def test_mistralrs_serves_a_pissa_adapter_converted_to_lora_on_the_original_base(tmp_path, monkeypatch):
+    """A PiSSA fine-tune trains on the residual base; saved with convert_to_lora=True it is a plain LoRA (rank 2r) of
+    the original weights, which mistral.rs serves on the unchanged base with lorakit's greedy tokens."""
+    monkeypatch.setenv("MISTRALRS_CPU_KV_F32", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    base_dir.mkdir()
+    model = build_base(base_dir)  # the original weights, as mistral.rs will read them
+    tokenizer = build_tokenizer(base_dir)
+    prompt_ids = tokenizer.encode(PROMPT).ids
+    base_tokens = greedy(model, prompt_ids)
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="pissa")
+    lorakit.get_lora_model(model, config)
+    train_a_few_steps(model, tokenizer)
+    trained_tokens = greedy(model, prompt_ids)
+    assert trained_tokens != base_tokens, "the trained adapter should change the greedy tokens"
+    lorakit.save_adapter(model, adapter_dir, convert_to_lora=True)
+    assert lorakit.read_adapter_config(adapter_dir).r == 8
+
+    served = mistralrs.Runner(
+        which=mistralrs.Which.Lora(model_id=str(base_dir), adapters=[mistralrs.LoraAdapter("pissa", str(adapter_dir))],
+                                   arch=mistralrs.Architecture.Llama, dtype=mistralrs.ModelDType.F32)
+    )  # fmt: skip
+    assert served_greedy(served, "pissa") == trained_tokens
+    assert served_greedy(served, None) == base_tokens
+    assert greedy(lorakit.unload(model), prompt_ids) == base_tokens  # the original weights again
+
+
 def test_mistralrs_refuses_dora_adapters_and_serves_the_merged_model(tmp_path, monkeypatch):
     """mistral.rs 0.9.5 loads no DoRA adapter ("dynamic LoRA does not support DoRA adapters"); a DoRA fine-tune
     is served there merged: `merge_and_unload`, `save_pretrained`, and the plain model gives lorakit's tokens."""

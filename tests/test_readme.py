@@ -46,6 +46,8 @@ def test_readme_blocks_run(capsys):
     assert "True\nLinear torch.float32" in printed
     assert "[(4, 0.0002), (0, 1e-06), (4, 0.0032), (0, 0.0032)]" in printed  # LoRA+'s groups
     assert "torch.Size([32])" in printed  # DoRA's magnitude, one per output
+    assert "converted rank 16" in printed  # a PiSSA adapter saved as a plain LoRA of the original weights
+    assert "{'math': 8, 'code': 4, 'both': 12, 'pruned': 4}" in printed  # add_weighted_adapter's ranks
     assert "target_modules entries ['qproj'] matched no module" in printed
 
 
