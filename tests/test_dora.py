@@ -274,6 +274,10 @@ def test_dora_where_lorakit_does_not_have_it_is_refused():
     stacked = lorakit.mixed_batch(model, ["default", "__base__"])
     with pytest.raises(lorakit.LoraError, match=r"DoRA adapters \['default'\] cannot run in a mixed batch"):
         stacked.__enter__()
+    lorakit.add_adapter(model, "plain", LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(lorakit.LoraError, match=r"cannot run in a mixed batch or as X-LoRA experts"):
+        lorakit.get_xlora_model(model, lorakit.XLoraConfig(), adapters={"default": None, "plain": None})
+    assert not hasattr(model, "xlora_classifier"), "nothing left behind"
     bnb = pytest.importorskip("bitsandbytes")
     layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32)
     layer.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4")
