@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig, lora_scaling
+from .distributed import write_full
 from .errors import AdapterError, LoraError
 from .formats.files import as_path
 from .formats.peft import adapter_parameters, plan_from_file, read_adapter_config
@@ -68,12 +69,12 @@ def hot_swap_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: st
     with torch.no_grad():
         for key, param in params.items():
             placement = placements[key]
-            value = tensors[key].to(device=param.device, dtype=param.dtype) * placement.factor
-            if placement.axis is None:
-                param.copy_(value)
-            else:
-                param.zero_()
-                param.narrow(placement.axis, 0, placement.shape[placement.axis]).copy_(value)
+            value = tensors[key].to(dtype=param.dtype) * placement.factor
+            if placement.axis is not None:  # zero-padded to the slot's rank
+                padded = value.new_zeros(param.shape)
+                padded.narrow(placement.axis, 0, placement.shape[placement.axis]).copy_(value)
+                value = padded
+            write_full(param, value)  # into this rank's shard if the model is sharded (FSDP2)
     return model
 
 

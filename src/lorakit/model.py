@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
+from .distributed import is_sharded, sharded_parameters
 from .errors import AdapterError, LoraError, MergeError
 from .layers import AdapterModule, LoraLayer, LoraLinear, LoraQuantizedLinear, lora_layer_type_for, weight_count
 from .layers.init_schemes import changes_base
@@ -145,6 +146,14 @@ def add_planned_adapter(
             "adapters see too. Consider one such adapter per model, or save it converted to a plain LoRA "
             "(save_adapter(..., convert_to_lora=True))",
             stacklevel=3,
+        )
+    sharded = sharded_parameters(model)
+    if sharded:
+        raise LoraError(
+            f"cannot add adapter {adapter_name!r}: the model is sharded ({sharded[0]} is a DTensor), and FSDP2 "
+            "cannot take new parameters after fully_shard. Convert (get_lora_model, add_adapter, load_adapter) on "
+            "every rank before sharding; to load weights into an adapter the sharded model has, use "
+            "hot_swap_adapter or load_pretrained_weights"
         )
     with undo_on_failure(model):
         parents = _parent_index(model)
@@ -497,6 +506,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | str | None = None, sa
     for layer_name, layer in layers:
         if layer.adapter_stack is not None:
             raise MergeError(f"{layer_name!r} runs a mixed batch or X-LoRA, whose weights vary per row or token")
+        _refuse_sharded(layer_name, layer, "merge")
         layer_names = [a for a in names if a in layer.r and a not in layer.merged_adapters]
         for adapter in layer_names:
             layer.check_mergeable(adapter)
@@ -507,6 +517,17 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | str | None = None, sa
     for _, layer in layers:
         layer.merge([a for a in names if a in layer.r])
     _warn_if_requantizing_lost_updates(layers)
+
+
+def _refuse_sharded(layer_name: str, layer: LoraLayer, what: str) -> None:
+    """Refuse `what` on a layer whose parameters are sharded (FSDP2's DTensors): it needs whole weights."""
+    sharded = [n for n, p in layer.named_parameters() if is_sharded(p)]
+    if sharded:
+        raise MergeError(
+            f"cannot {what} {layer_name!r}: its parameters are sharded (FSDP2 DTensors: {sharded[0]}, ...), and "
+            "merging needs whole weights. Save the adapter (lorakit.save_adapter, on every rank) and merge it into "
+            "an unsharded model in one process, or merge before sharding"
+        )
 
 
 # A requantized merge that keeps less than this share of a layer's update is warned about.

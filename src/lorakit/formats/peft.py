@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..config import PEFT_FIELDS_NOT_MODELED, LoraConfig
+from ..distributed import full_value, on_every_rank, unsharded_class
 from ..errors import AdapterError, LoraError
 from ..layers import LoraEmbedding, LoraLayer, lora_layer_type_for
 from ..layers.init_schemes import changes_base
@@ -105,8 +106,8 @@ def peft_config_dict(config: LoraConfig, model: nn.Module | None = None) -> dict
             fields["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         if fields["task_type"] is None:  # peft records the model class when there is no task type
             fields["auto_mapping"] = {
-                "base_model_class": type(model).__name__,
-                "parent_library": type(model).__module__,
+                "base_model_class": unsharded_class(model).__name__,
+                "parent_library": unsharded_class(model).__module__,
             }
     off = {name: copy.deepcopy(value) for name, (value, _) in PEFT_FIELDS_NOT_MODELED.items()}
     return dict(sorted({**off, **fields, "peft_type": "LORA"}.items()))
@@ -145,10 +146,12 @@ def adapter_files(
     if state_dict is not None:
         names = {id(param): name for name, param in model.named_parameters(remove_duplicate=False)}
         params = {key: state_dict.get(names.get(id(param), ""), param) for key, param in params.items()}
+    # whole tensors on the CPU; a sharded one is gathered from every rank (a collective, in this order everywhere)
+    params = {key: full_value(value.detach()).to("cpu", copy=True) for key, value in params.items()}
     config = lora_state(model).configs[adapter_name]
     if convert_to_lora:
         config, params = _as_plain_lora(model, adapter_name, config, params)
-    tensors = {PEFT_PREFIX + key: value.detach().to("cpu", copy=True).contiguous() for key, value in params.items()}
+    tensors = {PEFT_PREFIX + key: value.contiguous() for key, value in params.items()}
     config_text = json.dumps(peft_config_dict(config, model), indent=2) + "\n"
     return {WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"}), CONFIG_NAME: config_text.encode()}
 
@@ -177,8 +180,8 @@ def _as_plain_lora(
             raise LoraError(f"{path!r} holds no start of adapter {adapter_name!r} (loaded from a file without one?)")
         a0, b0 = start
         a_key, b_key = f"{path}.lora_A.weight", f"{path}.lora_B.weight"
-        params[a_key] = torch.cat([params[a_key].detach(), a0.to(params[a_key].device)], dim=0)
-        params[b_key] = torch.cat([params[b_key].detach(), -b0.to(params[b_key].device)], dim=1)
+        params[a_key] = torch.cat([params[a_key], full_value(a0).cpu()], dim=0)
+        params[b_key] = torch.cat([params[b_key], -full_value(b0).cpu()], dim=1)
     alpha_factor = 2**0.5 if config.use_rslora else 2
     converted = config.replace(
         init_lora_weights=True,
@@ -202,7 +205,11 @@ def save_adapter(
     directory = as_path(directory, "directory")
     if not isinstance(convert_to_lora, bool):
         raise LoraError(f"convert_to_lora must be True or False, got {convert_to_lora!r}")
-    _write(directory, adapter_files(model, adapter_name, convert_to_lora=convert_to_lora))
+    on_every_rank(
+        lambda: adapter_files(model, adapter_name, convert_to_lora=convert_to_lora),
+        lambda files: _write(directory, files),
+        f"save_adapter to {directory}",
+    )
     return directory
 
 
@@ -231,9 +238,14 @@ def save_pretrained(
             raise AdapterError(f"unknown adapter {name!r}; this model has {sorted(state.configs)}")
         if "/" in name or "\\" in name:
             raise AdapterError(f"adapter {name!r} cannot be saved in a directory of its name")
-    files = {name: adapter_files(model, name, state_dict) for name in names}  # everything checked before writing
-    for name, contents in files.items():
-        _write(directory if name == "default" else directory / name, contents)
+
+    def write(files: dict[str, dict[str, bytes]]) -> None:
+        for name, contents in files.items():
+            _write(directory if name == "default" else directory / name, contents)
+
+    # everything built (and on several ranks, agreed) before anything is written
+    on_every_rank(lambda: {name: adapter_files(model, name, state_dict) for name in names}, write,
+                  f"save_pretrained to {directory}")  # fmt: skip
     return directory
 
 
