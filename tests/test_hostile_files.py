@@ -544,8 +544,9 @@ _FIELD_ORACLE = {
     "lora_bias": lambda v: v is False,
     "use_dora": lambda v: v is False,
     "peft_type": lambda v: v == "LORA",
-    "init_lora_weights": lambda v: (type(v) is bool)
-    or v in ("gaussian", "eva", "orthogonal", "loftq", "mica", "pissa", "olora"),
+    "init_lora_weights": lambda v: (
+        (type(v) is bool) or v in ("gaussian", "eva", "orthogonal", "loftq", "mica", "pissa", "olora")
+    ),
 }
 _SPECIAL_VALUES = [
     0,
