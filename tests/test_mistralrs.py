@@ -114,6 +114,14 @@ def served_greedy(runner, adapter: str | None) -> list[int]:
     return tokens
 
 
+def lora_runner(base_dir: Path, name: str, adapter_dir: Path):
+    """A mistral.rs runner of the float32 Llama in `base_dir` with the adapter in `adapter_dir` under `name`."""
+    return mistralrs.Runner(
+        which=mistralrs.Which.Lora(model_id=str(base_dir), adapters=[mistralrs.LoraAdapter(name, str(adapter_dir))],
+                                   arch=mistralrs.Architecture.Llama, dtype=mistralrs.ModelDType.F32)
+    )  # fmt: skip
+
+
 def test_mistralrs_serves_a_lorakit_adapter(tmp_path, monkeypatch):
     monkeypatch.setenv("MISTRALRS_CPU_KV_F32", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -142,11 +150,7 @@ def test_mistralrs_serves_a_lorakit_adapter(tmp_path, monkeypatch):
     assert served_greedy(plain, None) == base_tokens
     del plain
 
-    adapters = [mistralrs.LoraAdapter("trained", str(adapter_dir))]
-    served = mistralrs.Runner(
-        which=mistralrs.Which.Lora(model_id=str(base_dir), adapters=adapters, arch=mistralrs.Architecture.Llama,
-                                   dtype=mistralrs.ModelDType.F32)
-    )  # fmt: skip
+    served = lora_runner(base_dir, "trained", adapter_dir)
     assert served_greedy(served, "trained") == lora_tokens
     assert served_greedy(served, None) == base_tokens
     assert os.path.isfile(adapter_dir / "adapter_model.safetensors")
@@ -183,10 +187,7 @@ def test_mistralrs_serves_an_adapter_trained_on_a_4bit_base(tmp_path, monkeypatc
     save_for_mistralrs(lorakit.unload(model), base_dir)
     build_tokenizer(base_dir)
 
-    served = mistralrs.Runner(
-        which=mistralrs.Which.Lora(model_id=str(base_dir), adapters=[mistralrs.LoraAdapter("qlora", str(adapter_dir))],
-                                   arch=mistralrs.Architecture.Llama, dtype=mistralrs.ModelDType.F32)
-    )  # fmt: skip
+    served = lora_runner(base_dir, "qlora", adapter_dir)
     assert served_greedy(served, "qlora") == trained_tokens
     assert served_greedy(served, None) == base_tokens
 
@@ -210,10 +211,7 @@ def test_mistralrs_serves_a_pissa_adapter_converted_to_lora_on_the_original_base
     lorakit.save_adapter(model, adapter_dir, convert_to_lora=True)
     assert lorakit.read_adapter_config(adapter_dir).r == 8
 
-    served = mistralrs.Runner(
-        which=mistralrs.Which.Lora(model_id=str(base_dir), adapters=[mistralrs.LoraAdapter("pissa", str(adapter_dir))],
-                                   arch=mistralrs.Architecture.Llama, dtype=mistralrs.ModelDType.F32)
-    )  # fmt: skip
+    served = lora_runner(base_dir, "pissa", adapter_dir)
     assert served_greedy(served, "pissa") == trained_tokens
     assert served_greedy(served, None) == base_tokens
     assert greedy(lorakit.unload(model), prompt_ids) == base_tokens  # the original weights again
@@ -238,10 +236,7 @@ def test_mistralrs_refuses_dora_adapters_and_serves_the_merged_model(tmp_path, m
     lorakit.save_adapter(model, adapter_dir)
 
     with pytest.raises(ValueError, match="dynamic LoRA does not support DoRA adapters"):
-        mistralrs.Runner(
-            which=mistralrs.Which.Lora(model_id=str(base_dir), adapters=[mistralrs.LoraAdapter("d", str(adapter_dir))],
-                                       arch=mistralrs.Architecture.Llama, dtype=mistralrs.ModelDType.F32)
-        )  # fmt: skip
+        lora_runner(base_dir, "d", adapter_dir)
 
     save_for_mistralrs(lorakit.merge_and_unload(model), merged_dir)
     build_tokenizer(merged_dir)

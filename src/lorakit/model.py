@@ -153,7 +153,7 @@ def add_planned_adapter(
             f"cannot add adapter {adapter_name!r}: the model is sharded ({sharded[0]} is a DTensor), and FSDP2 "
             "cannot take new parameters after fully_shard. Convert (get_lora_model, add_adapter, load_adapter) on "
             "every rank before sharding; to load weights into an adapter the sharded model has, use "
-            "hot_swap_adapter or load_pretrained_weights"
+            "lorakit.hot_swap_adapter"
         )
     with undo_on_failure(model):
         parents = _parent_index(model)
