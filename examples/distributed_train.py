@@ -5,9 +5,13 @@
 
 Every rank builds the same model (here a small Llama from a config, nothing downloaded), converts it with
 lorakit, *then* wraps it (DDP) or shards it (`fully_shard` per decoder layer, then the root), and trains on its
-slice of each global batch. `lorakit.save_adapter` is called on every rank: sharded adapters are gathered, rank
-0 writes one complete peft-format adapter atomically, and every rank returns once it is on disk. A sharded
-model takes saved weights back with `lorakit.hot_swap_adapter` (each rank its shard).
+slice of each global batch. With `--meta-start CHECKPOINT` every rank builds the model on the meta device (no
+memory), converts it (the adapters are made for real, as on a built model), shards it, and only then loads the
+base weights with `lorakit.materialize`, each rank its shards.
+
+`lorakit.save_adapter` is called on every rank: sharded adapters are gathered, rank 0 writes one complete
+peft-format adapter atomically, and every rank returns once it is on disk. A sharded model takes saved weights
+back with `lorakit.hot_swap_adapter` (each rank its shard).
 
 With `--record FILE`, rank 0 writes the per-step global losses and the final logits of a fixed batch to FILE
 (what `tests/test_distributed.py` compares with one process training on the whole batch).
@@ -31,14 +35,16 @@ import lorakit
 VOCAB, TOKENS = 128, 16
 
 
-def build_model(bf16_base: bool, seed: int = 0) -> LlamaForCausalLM:
-    """The same base model on every rank: a 2-layer Llama from a config, seeded."""
+def build_model(bf16_base: bool, seed: int = 0, on_meta: bool = False) -> LlamaForCausalLM:
+    """The same base model on every rank: a 2-layer Llama from a config, seeded; with `on_meta`, without memory
+    (its weights come later, from a checkpoint, with `lorakit.materialize`)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64,
     )  # fmt: skip
-    model = LlamaForCausalLM(config)
+    with torch.device("meta" if on_meta else "cpu"):
+        model = LlamaForCausalLM(config)
     return model.to(torch.bfloat16) if bf16_base else model
 
 
@@ -117,6 +123,9 @@ def main() -> None:
     parser.add_argument("--bf16-base", action="store_true", help="a bfloat16 base with float32 adapters")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--modules-to-save", action="store_true", help="also train a full copy of lm_head")
+    parser.add_argument("--meta-start", type=Path, metavar="CHECKPOINT",
+                        help="build on the meta device, convert, shard, then load the base from this safetensors "
+                        "checkpoint (a file, or a directory with model.safetensors or a sharded index)")  # fmt: skip
     parser.add_argument("--save", type=Path, default=Path("distributed-adapter"))
     parser.add_argument("--record", type=Path, help="rank 0 writes the losses and final logits here (JSON)")
     args = parser.parse_args()
@@ -127,11 +136,18 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    model = convert(build_model(args.bf16_base).to(device), args)
+    if args.meta_start:  # a model too big to build whole: each rank materializes only its shards
+        model = convert(build_model(args.bf16_base, on_meta=True), args)  # the adapters are made for real
+        if args.mode == "fsdp2":
+            shard(model, args.bf16_base)
+        lorakit.materialize(model, args.meta_start, device)
+    else:
+        model = convert(build_model(args.bf16_base).to(device), args)
+        if args.mode == "fsdp2":
+            shard(model, args.bf16_base)
     if args.mode == "ddp":
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
-        shard(model, args.bf16_base)
         trained = model
     losses, first_gradient_norm = train(trained, args.steps, args.batch, rank, world, device)
     lorakit.save_adapter(model, args.save)  # on every rank: rank 0 writes the whole adapter

@@ -5,7 +5,8 @@
 Each rank writes what it saw to OUT_DIR/rank<r>.json. On an FSDP2-sharded lorakit model:
 - a save that fails on rank 1 while building, or on rank 0 while writing, raises the same `LoraError` on every
   rank and leaves the previous adapter as it was;
-- merging, and adding an adapter after `fully_shard`, are refused with a `LoraError` that says what to do.
+- merging, and adding an adapter after `fully_shard`, are refused with a `LoraError` that says what to do;
+- a meta-device start from a checkpoint that lacks a tensor is refused on every rank, nothing materialized.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 import lorakit
 import lorakit.formats.peft as peft_format
@@ -79,6 +81,16 @@ def main() -> None:
     config = lorakit.LoraConfig(r=2, target_modules=["q_proj"])
     seen["add after sharding"] = outcome(lambda: lorakit.add_adapter(model, "late", config))
     seen["save again"] = outcome(lambda: lorakit.save_adapter(model, saved))
+
+    if rank == 0:  # a base checkpoint that lacks one tensor
+        state = build_model(bf16_base=False).state_dict()
+        del state["model.layers.1.mlp.down_proj.weight"]
+        save_file(state, out / "incomplete.safetensors")
+    dist.barrier()
+    meta = convert(build_model(bf16_base=False, on_meta=True), Options())
+    shard(meta, bf16_base=False)
+    seen["materialize without a tensor"] = outcome(lambda: lorakit.materialize(meta, out / "incomplete.safetensors"))
+    seen["still on meta"] = meta.model.layers[0].self_attn.q_proj.base_layer.weight.is_meta
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
     dist.destroy_process_group()
 

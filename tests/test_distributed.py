@@ -117,6 +117,22 @@ def test_two_ranks_train_as_one_process_on_the_whole_batch(case, tmp_path):
         torch.testing.assert_close(peft_logits, torch.tensor(record["logits"]), rtol=1e-5, atol=1e-5)
 
 
+def test_a_meta_device_start_trains_as_an_ordinary_start(tmp_path):
+    """Each rank builds on meta, converts, shards and materializes its shards from a sharded checkpoint: training
+    gives the adapter an ordinary start gives, to the bit."""
+    recipe.build_model(False).save_pretrained(tmp_path / "base", max_shard_size="100KB")
+    assert (tmp_path / "base" / "model.safetensors.index.json").is_file()
+    for start in ("ordinary", "meta"):
+        args = ["--mode", "fsdp2", "--steps", str(STEPS), "--batch", str(ROWS), "--save", str(tmp_path / start),
+                "--record", str(tmp_path / f"{start}.json")]  # fmt: skip
+        torchrun(SCRIPT, *args, *(["--meta-start", str(tmp_path / "base")] if start == "meta" else []))
+    ordinary, meta = (json.loads((tmp_path / f"{start}.json").read_text()) for start in ("ordinary", "meta"))
+    assert meta["losses"] == ordinary["losses"] and meta["logits"] == ordinary["logits"]
+    assert meta["losses"][-1] < meta["losses"][0]
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "meta" / name).read_bytes() == (tmp_path / "ordinary" / name).read_bytes(), name
+
+
 def test_failures_during_a_sharded_save_and_what_a_sharded_model_refuses(tmp_path):
     torchrun(ROOT / "tests" / "distributed_checks.py", str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -131,3 +147,7 @@ def test_failures_during_a_sharded_save_and_what_a_sharded_model_refuses(tmp_pat
         assert seen["unchanged after rank 1 failed"] and seen["unchanged after rank 0 failed"]
         assert seen["merge"].startswith("MergeError: cannot merge") and "sharded" in seen["merge"]
         assert "FSDP2 cannot take new parameters after fully_shard" in seen["add after sharding"]
+        assert seen["materialize without a tensor"].startswith("LoraError: cannot materialize from ")
+        lacking = "lacks ['model.layers.1.mlp.down_proj.weight'], which would be left on the meta"
+        assert lacking in seen["materialize without a tensor"]
+        assert seen["still on meta"]

@@ -6,6 +6,7 @@ layers; adapters merge bit-exactly reversibly and use HuggingFace peft's names a
 
 from .config import LoraConfig
 from .errors import AdapterError, LoraConfigError, LoraError, MergeError, TargetError
+from .formats.checkpoint import materialize
 from .formats.mistralrs import export_xlora_mistralrs
 from .formats.peft import load_adapter, lora_state_dict, read_adapter_config, save_adapter
 from .formats.xlora import load_xlora, save_xlora
@@ -83,6 +84,7 @@ __all__ = [
     "load_adapter",
     "load_xlora",
     "lora_state_dict",
+    "materialize",
     "merge",
     "merge_and_unload",
     "mixed_batch",

@@ -7,7 +7,7 @@ import importlib
 from torch import nn
 
 from ..errors import LoraError
-from .base import AdapterModule, LoraLayer, adapter_dtype
+from .base import AdapterModule, LoraLayer, adapter_dtype, adapter_factory
 from .conv import LoraConv
 from .embedding import LoraEmbedding
 from .linear import LoraLinear, is_transformers_conv1d
@@ -25,6 +25,7 @@ __all__ = [
     "LoraQuantizedLinear",
     "UpdateRetention",
     "adapter_dtype",
+    "adapter_factory",
     "lora_layer_type_for",
     "quantization_of",
     "register_lora_layer",

@@ -40,6 +40,15 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(base_dtype, torch.float32)
 
 
+def adapter_factory(base_weight: torch.Tensor) -> dict[str, Any]:
+    """`{"device", "dtype"}` of a new adapter's parameters on a base of `base_weight`: `adapter_dtype`, on the base's
+    device, or on the CPU when the base is on the meta device. There the adapter is initialised for real, drawing
+    from the random generator as on a built model, and keeps its values when `lorakit.materialize` gives the base
+    its weights."""
+    device = torch.device("cpu") if base_weight.is_meta else base_weight.device
+    return {"device": device, "dtype": adapter_dtype(base_weight.dtype)}
+
+
 @runtime_checkable
 class AdapterModule(Protocol):
     """What the model-wide operations ask of a module that holds per-adapter parameters: a `LoraLayer`, or a
@@ -237,8 +246,17 @@ class LoraLayer(nn.Module):
         self.scaling[name] = lora_scaling(lora_alpha, r, config.use_rslora)
         self.lora_dropout_p[name] = float(config.lora_dropout)
         self.lora_bias[name] = bool(config.lora_bias)
+        if any(param.is_meta for param in self.base_layer.parameters()):
+            _check_meta_startable(self, config)
         self.create_adapter(name, r, config)
         self.reset_adapter(name, config.init_lora_weights)
+        on_meta = [key for key, param in self.adapter_parameters(name).items() if param.is_meta]
+        if on_meta:
+            raise LoraError(
+                f"{type(self).__name__}.create_adapter made {on_meta[0]!r} of adapter {name!r} on the meta device, "
+                "where it would have no value: create adapter parameters with "
+                "lorakit.layers.adapter_factory(base weight)"
+            )
 
     def check_deletable(self, name: str) -> None:
         """Raise `AdapterError` if adapter `name` cannot be deleted now: it is merged, or it took its start out of
@@ -457,3 +475,17 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def _check_meta_startable(layer: LoraLayer, config: LoraConfig) -> None:
+    """Refuse what an adapter on a base without values (the meta device) cannot start from."""
+    init = config.init_lora_weights
+    uses_weight = "use_dora=True (DoRA: m starts as the norm of W)" if config.use_dora else None
+    if isinstance(init, str) and init not in ("gaussian", "orthogonal"):
+        uses_weight = f"init_lora_weights={init!r} (it starts from an SVD or QR of W)"
+    if uses_weight:
+        raise LoraError(
+            f"{uses_weight} needs the base weights, and this {type(layer.base_layer).__name__} is on the meta "
+            "device: call lorakit.materialize first, then add the adapter (before sharding), or start from a "
+            "built model"
+        )

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import LoraConfigError, LoraError, MergeError
-from .base import adapter_dtype
+from .base import adapter_factory
 from .dora import DoraLayer
 from .stack import AdapterStack, broadcast_gates
 
@@ -52,7 +52,7 @@ class LoraConv(DoraLayer):
                 f"use_dora=True is not supported on a {self.conv_type.__name__} with groups={base.groups}: its "
                 "update is not a grouped convolution"
             )
-        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
+        factory = adapter_factory(base.weight)
         self.lora_A[name] = self.conv_type(
             base.in_channels, r, base.kernel_size, stride=base.stride, padding=base.padding,
             dilation=base.dilation, padding_mode=base.padding_mode, bias=False, **factory,

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import LoraConfigError
-from .base import adapter_dtype
+from .base import adapter_factory
 from .dora import DoraLayer
 from .stack import AdapterStack, broadcast_gates
 
@@ -40,7 +40,7 @@ class LoraEmbedding(DoraLayer):
         if config.lora_bias:
             raise LoraConfigError("lora_bias=True is not supported on an Embedding layer")
         weight = self.base_layer.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight.dtype)}
+        factory = adapter_factory(weight)
         self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, self.num_embeddings, **factory))
         self.lora_embedding_B[name] = nn.Parameter(torch.empty(self.embedding_dim, r, **factory))
         self.create_dora_magnitude(name, config, factory)

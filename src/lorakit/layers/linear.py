@@ -22,7 +22,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import LoraError
 from . import init_schemes, linear_fast
-from .base import adapter_dtype
+from .base import adapter_factory
 from .dora import DoraLayer
 from .init_schemes import BaseChange
 from .stack import AdapterStack, broadcast_gates
@@ -62,7 +62,7 @@ class LoraLinear(DoraLayer):
 
     def create_adapter(self, name: str, r: int, config: LoraConfig) -> None:
         weight = self.base_layer.weight
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight.dtype)}
+        factory = adapter_factory(weight)
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **factory)
         self.create_dora_magnitude(name, config, factory)
