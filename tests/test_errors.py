@@ -117,6 +117,8 @@ BAD_CALLS: list[tuple[str, Callable[[Path], object]]] = [
     ("export xlora: a plain model", lambda tmp: lorakit.export_xlora_mistralrs(tiny_llama(), tmp, "base")),
     ("latest scalings: a plain model", lambda _: lorakit.latest_scalings(tiny_llama())),
     ("remove xlora: a plain model", lambda _: lorakit.remove_xlora(tiny_llama())),
+    ("materialize: not a module", lambda tmp: lorakit.materialize("model", tmp)),
+    ("materialize: nothing on meta", lambda tmp: lorakit.materialize(tiny_llama(), tmp)),
 ]
 
 
