@@ -31,7 +31,7 @@ from torch import nn
 from ..distributed import is_sharded, write_full
 from ..errors import LoraError
 from .files import as_path
-from .readers import TensorFile, quoted_list, read_json_object
+from .readers import FLOAT_DTYPES, TensorFile, quoted_list, read_json_object
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -121,9 +121,12 @@ def materialize(
     with torch.no_grad():
         for name, value in plan.computed.items():
             _tensor_named(model, name).copy_(value)
-        for path in sorted({entry.path for _, _, entry in plan.from_checkpoint}):
+        by_file: dict[Path, list[tuple[str, str]]] = {}
+        for name, key, entry in plan.from_checkpoint:
+            by_file.setdefault(entry.path, []).append((name, key))
+        for path, items in by_file.items():  # each file opened once
             with TensorFile(path) as weights:
-                for name, key, _ in (item for item in plan.from_checkpoint if item[2].path == path):
+                for name, key in items:
                     target = _tensor_named(model, name)
                     write_full(target, weights.tensor(key).to(target.dtype))
                     bar.update()
@@ -167,7 +170,7 @@ def _plan(model: nn.Module, on_meta: list[list[Owner]], entries: dict[str, Entry
         shape, dtype = entries[key].shape, entries[key].dtype
         if shape != tuple(tensor.shape):
             problems.append(f"{key!r} has shape {list(shape)}, {name!r} is {list(tensor.shape)}")
-        elif tensor.dtype.is_floating_point and dtype not in _FLOAT_DTYPES:
+        elif tensor.dtype.is_floating_point and dtype not in FLOAT_DTYPES:
             problems.append(f"{key!r} has dtype {dtype}, {name!r} is {tensor.dtype}")
         plan.from_checkpoint.append((name, key, entries[key]))
     if uncomputed:
@@ -216,12 +219,10 @@ def _computed_buffers(model: nn.Module, buffers: list[Owner]) -> dict[str, torch
 def _init_weights_around(model: nn.Module, prefix: str) -> Callable[[nn.Module], None] | None:
     """`_init_weights` of the innermost transformers model on the path to module `prefix` (a class attribute, so
     lorakit's wrappers, which pass unknown attributes to the module they wrap, are not mistaken for one)."""
-    found, module = None, model
-    for part in ["", *prefix.split(".")] if prefix else [""]:
-        module = module.get_submodule(part) if part else module
-        if callable(getattr(type(module), "_init_weights", None)):
-            found = module._init_weights
-    return found
+    parts = prefix.split(".") if prefix else []
+    path = [model] + [model.get_submodule(".".join(parts[: i + 1])) for i in range(len(parts))]
+    inits = [module._init_weights for module in path if callable(getattr(type(module), "_init_weights", None))]
+    return inits[-1] if inits else None
 
 
 def _sentinel(dtype: torch.dtype) -> float | int | bool:
@@ -229,9 +230,6 @@ def _sentinel(dtype: torch.dtype) -> float | int | bool:
     if dtype.is_floating_point or dtype.is_complex:
         return float("nan")
     return False if dtype == torch.bool else torch.iinfo(dtype).min
-
-
-_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 
 
 def _give_memory(model: nn.Module, device: torch.device, owners: dict[int, list[Owner]]) -> None:

@@ -154,7 +154,8 @@ def open_weights(directory: Path) -> TensorFile:
     raise LoraError(f"no {WEIGHTS_NAME} (or {PICKLE_WEIGHTS_NAME}) in {directory}")
 
 
-_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "float16", "bfloat16", "float32", "float64"}
+# dtype names of a safetensors header (and of `weights_only` pickles) that a float parameter can take
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "float16", "bfloat16", "float32", "float64"}
 
 
 def match_keys_and_shapes(
@@ -185,7 +186,7 @@ def match_keys_and_shapes(
         want = tuple(params[short].shape if isinstance(params[short], torch.Tensor) else params[short])
         if weights.shapes[key] != want:
             problems.append(f"{key!r} has shape {list(weights.shapes[key])}, the model expects {list(want)}")
-        elif weights.dtypes[key] not in _FLOAT_DTYPES:
+        elif weights.dtypes[key] not in FLOAT_DTYPES:
             problems.append(f"{key!r} has dtype {weights.dtypes[key]}, expected a floating dtype")
     if problems:
         raise LoraError(f"adapter in {directory} does not fit the model: " + "; ".join(problems))
