@@ -38,7 +38,15 @@ SINGLE_NAME = "model.safetensors"
 # the wrappers lorakit (and checkpointing) puts between a module and its parameters; a checkpoint has none of them
 _WRAPPER_SEGMENT = re.compile(r"\.(base_layer|original_module|modules_to_save\.[^.]+|_checkpoint_wrapped_module)(?=\.)")
 
-Owner = tuple[str, nn.Module, torch.Tensor, str]  # (a tensor's full name, the module holding it, it, its attribute)
+
+class Owner(NamedTuple):
+    """One name of a parameter or buffer (a tied tensor has several)."""
+
+    name: str  # in the model
+    module: nn.Module  # the module that holds it
+    tensor: torch.Tensor
+    attribute: str  # its name in `module`
+    is_buffer: bool
 
 
 def checkpoint_key(name: str) -> str:
@@ -109,7 +117,7 @@ def materialize(
     checkpoint = as_path(checkpoint, "checkpoint")
     device = torch.device(device)
     owners = _tensor_owners(model)
-    on_meta = [names for names in owners.values() if names[0][2].is_meta]
+    on_meta = [names for names in owners.values() if names[0].tensor.is_meta]
     if not on_meta:
         raise LoraError(
             f"no parameter or buffer of {type(model).__name__} is on the meta device; nothing to materialize"
@@ -131,7 +139,7 @@ def materialize(
                     write_full(target, weights.tensor(key).to(target.dtype))
                     bar.update()
     bar.close()
-    left = sorted(names[0][0] for names in _tensor_owners(model).values() if names[0][2].is_meta)
+    left = sorted(names[0].name for names in _tensor_owners(model).values() if names[0].tensor.is_meta)
     if left:  # the plan covers every meta tensor: a guard against a silent garbage value all the same
         raise LoraError(f"{quoted_list(left)} are still on the meta device after materialize")
     return model
@@ -142,10 +150,11 @@ def _tensor_owners(model: nn.Module) -> dict[int, list[Owner]]:
     ones listed under every name they have."""
     owners: dict[int, list[Owner]] = {}
     for prefix, module in model.named_modules(remove_duplicate=False):
-        for attribute, tensor in [*module._parameters.items(), *module._buffers.items()]:
-            if tensor is not None:
-                name = f"{prefix}.{attribute}" if prefix else attribute
-                owners.setdefault(id(tensor), []).append((name, module, tensor, attribute))
+        tensors = [(attribute, tensor, False) for attribute, tensor in module.named_parameters(recurse=False)]
+        tensors += [(attribute, tensor, True) for attribute, tensor in module.named_buffers(recurse=False)]
+        for attribute, tensor, is_buffer in tensors:
+            name = f"{prefix}.{attribute}" if prefix else attribute
+            owners.setdefault(id(tensor), []).append(Owner(name, module, tensor, attribute, is_buffer))
     return owners
 
 
@@ -161,11 +170,11 @@ def _plan(model: nn.Module, on_meta: list[list[Owner]], entries: dict[str, Entry
     code; a `LoraError` naming every problem."""
     plan, uncomputed, missing, problems = Plan([], {}), [], [], []
     for names in on_meta:
-        keys = [checkpoint_key(name) for name, *_ in names]
+        keys = [checkpoint_key(owner.name) for owner in names]
         key = next((key for key in keys if key in entries), None)
-        name, module, tensor, attribute = names[0]
+        name, tensor = names[0].name, names[0].tensor
         if key is None:
-            (uncomputed if attribute in module._buffers else missing).append(names[0])
+            (uncomputed if names[0].is_buffer else missing).append(names[0])
             continue
         shape, dtype = entries[key].shape, entries[key].dtype
         if shape != tuple(tensor.shape):
@@ -177,11 +186,10 @@ def _plan(model: nn.Module, on_meta: list[list[Owner]], entries: dict[str, Entry
         plan.computed.update(_computed_buffers(model, uncomputed))
         missing += [owner for owner in uncomputed if owner[0] not in plan.computed]
     if missing:
-        lacking = [f"{checkpoint_key(name)!r}{' (a buffer)' * (attribute in module._buffers)}"
-                   for name, module, _, attribute in missing]  # fmt: skip
+        lacking = [f"{checkpoint_key(owner.name)!r}{' (a buffer)' * owner.is_buffer}" for owner in missing]
         shown = ", ".join(lacking[:10]) + (f", … ({len(lacking)} in all)" if len(lacking) > 10 else "")
         problems.insert(0, f"it lacks [{shown}], which would be left on the meta device")
-        if any(attribute in module._buffers for _, module, _, attribute in missing):
+        if any(owner.is_buffer for owner in missing):
             problems.append(
                 "a buffer that a module computes when built, in no checkpoint, is computed again only by a "
                 "transformers model's own initialisation (_init_weights): build other models with their buffers off "
@@ -198,8 +206,8 @@ def _computed_buffers(model: nn.Module, buffers: list[Owner]) -> dict[str, torch
     buffer that keeps the sentinel was not computed and is left out."""
     computed: dict[str, torch.Tensor] = {}
     by_module: dict[str, tuple[nn.Module, list[str]]] = {}
-    for name, module, _, attribute in buffers:
-        by_module.setdefault(name.rpartition(".")[0], (module, []))[1].append(attribute)
+    for owner in buffers:
+        by_module.setdefault(owner.name.rpartition(".")[0], (owner.module, []))[1].append(owner.attribute)
     for prefix, (module, attributes) in by_module.items():
         init = _init_weights_around(model, prefix)
         if init is None or not all(p.is_meta for p in module.parameters(recurse=False)):
@@ -210,7 +218,7 @@ def _computed_buffers(model: nn.Module, buffers: list[Owner]) -> dict[str, torch
         with torch.no_grad():
             init(twin)
         for attribute in attributes:
-            value = twin._buffers[attribute]
+            value = twin.get_buffer(attribute)
             if value.numel() and not bool((value == _sentinel(value.dtype)).any() | value.isnan().any()):
                 computed[f"{prefix}.{attribute}" if prefix else attribute] = value
     return computed
@@ -244,11 +252,9 @@ def _give_memory(model: nn.Module, device: torch.device, owners: dict[int, list[
     model._apply(moved)  # FSDP2 modules re-register their shards in their own `_apply`
     for names in owners.values():
         if len(names) > 1:
-            _, first_module, _, first_attribute = names[0]
-            kept = getattr(first_module, first_attribute)
-            for _, module, _, attribute in names[1:]:
-                holder = module._parameters if attribute in module._parameters else module._buffers
-                holder[attribute] = kept
+            kept = getattr(names[0].module, names[0].attribute)
+            for owner in names[1:]:
+                setattr(owner.module, owner.attribute, kept)  # a registered name: the parameter or buffer is replaced
 
 
 def _tensor_named(model: nn.Module, name: str) -> torch.Tensor:
