@@ -10,8 +10,9 @@ memory), converts it (the adapters are made for real, as on a built model), shar
 base weights with `lorakit.materialize`, each rank its shards.
 
 `lorakit.save_adapter` is called on every rank: sharded adapters are gathered, rank 0 writes one complete
-peft-format adapter atomically, and every rank returns once it is on disk. A sharded model takes saved weights
-back with `lorakit.hot_swap_adapter` (each rank its shard).
+peft-format adapter atomically, and every rank returns once it is on disk. (Under DDP, rank 0 writes and the
+others return at once, so they wait at a barrier before reading it.) A sharded model takes saved weights back with
+`lorakit.hot_swap_adapter` (each rank its shard).
 
 With `--record FILE`, rank 0 writes the per-step global losses and the final logits of a fixed batch to FILE
 (what `tests/test_distributed.py` compares with one process training on the whole batch).
@@ -151,6 +152,7 @@ def main() -> None:
         trained = model
     losses, first_gradient_norm = train(trained, args.steps, args.batch, rank, world, device)
     lorakit.save_adapter(model, args.save)  # on every rank: rank 0 writes the whole adapter
+    dist.barrier()  # under DDP the other ranks do not wait for the files
     logits = probe_logits(model, device)
 
     # a fresh sharded model takes the saved adapter back, each rank its shard

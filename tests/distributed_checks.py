@@ -6,6 +6,8 @@ Each rank writes what it saw to OUT_DIR/rank<r>.json. On an FSDP2-sharded loraki
 - a save that fails on rank 1 while building, or on rank 0 while writing, raises the same `LoraError` on every
   rank and leaves the previous adapter as it was;
 - merging, and adding an adapter after `fully_shard`, are refused with a `LoraError` that says what to do;
+- `LoraTrainer.save_model` and transformers' `save_pretrained(is_main_process=...)`, called on every rank, write
+  the whole adapter, as `save_adapter` does;
 - a meta-device start from a checkpoint that lacks a tensor is refused on every rank, nothing materialized.
 """
 
@@ -17,9 +19,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 from safetensors.torch import save_file
+from transformers import TrainingArguments
 
 import lorakit
 import lorakit.formats.peft as peft_format
+from lorakit.integrations.transformers import LoraTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from distributed_train import build_model, convert, shard
@@ -81,6 +85,18 @@ def main() -> None:
     config = lorakit.LoraConfig(r=2, target_modules=["q_proj"])
     seen["add after sharding"] = outcome(lambda: lorakit.add_adapter(model, "late", config))
     seen["save again"] = outcome(lambda: lorakit.save_adapter(model, saved))
+
+    # LoraTrainer's save_model on every rank: the shards gathered, the whole adapter written by rank 0 alone
+    trainer = LoraTrainer(model=model, args=TrainingArguments(str(out / "trainer"), use_cpu=True, report_to=[]))
+    seen["trainer save"] = outcome(lambda: trainer.save_model(str(out / "trainer-save")))
+    seen["transformers save, rank 0 the main process"] = outcome(
+        lambda: model.save_pretrained(out / "save-pretrained", is_main_process=rank == 0)
+    )
+    dist.barrier()
+    adapter = files_of(saved)
+    for directory in ("trainer-save", "save-pretrained"):
+        written = files_of(out / directory)
+        seen[f"{directory} as save_adapter"] = all(written[name] == adapter[name] for name in adapter)
 
     if rank == 0:  # a base checkpoint that lacks one tensor
         state = build_model(bf16_base=False).state_dict()

@@ -42,7 +42,7 @@ def torchrun(script: Path, *args: str) -> str:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), str(script), *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)  # a hang fails
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     return run.stdout
 
@@ -145,9 +145,40 @@ def test_failures_during_a_sharded_save_and_what_a_sharded_model_refuses(tmp_pat
         )
         assert "failed on rank 0 while writing (OSError: [Errno 28] No space left" in seen["rank 0 fails writing"]
         assert seen["unchanged after rank 1 failed"] and seen["unchanged after rank 0 failed"]
+        assert seen["trainer save"] == "ok" and seen["transformers save, rank 0 the main process"] == "ok"
+        assert seen["trainer-save as save_adapter"] and seen["save-pretrained as save_adapter"]
         assert seen["merge"].startswith("MergeError: cannot merge") and "sharded" in seen["merge"]
         assert "FSDP2 cannot take new parameters after fully_shard" in seen["add after sharding"]
         assert seen["materialize without a tensor"].startswith("LoraError: cannot materialize from ")
         lacking = "lacks ['model.layers.1.mlp.down_proj.weight'], which would be left on the meta"
         assert lacking in seen["materialize without a tensor"]
         assert seen["still on meta"]
+
+
+def test_trainer_with_ddp_checkpoints_the_whole_adapter_and_resumes(tmp_path):
+    """`LoraTrainer` under torchrun (DDP over gloo): Trainer saves from rank 0 alone, which must neither hang nor
+    write part of the adapter, and a run resumed from the middle checkpoint ends where the whole run ended."""
+    script = ROOT / "tests" / "distributed_trainer.py"
+    torchrun(script, str(tmp_path / "whole"))
+    torchrun(script, str(tmp_path / "resumed"), "--resume", str(tmp_path / "whole" / "checkpoint-3"))
+    whole, resumed = (json.loads((tmp_path / run / "losses.json").read_text()) for run in ("whole", "resumed"))
+    assert whole["world"] == 2 and list(whole["losses"]) == ["1", "2", "3", "4", "5", "6"], whole
+    assert whole["losses"]["6"] < whole["losses"]["1"], f"the adapter must learn: {whole}"
+    assert list(resumed["losses"]) == list(whole["losses"])  # 1–3 from the checkpoint's trainer state
+    for step in ("4", "5", "6"):
+        assert resumed["losses"][step] == pytest.approx(whole["losses"][step], rel=1e-6), step
+
+    reference = recipe.build_model(False)
+    torch.manual_seed(1)
+    lorakit.get_lora_model(reference, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    initial = lorakit.lora_state_dict(reference)
+    final = load_file(tmp_path / "whole" / "final" / "adapter_model.safetensors")
+    for checkpoint in ("checkpoint-3", "checkpoint-6", "final"):
+        tensors = load_file(tmp_path / "whole" / checkpoint / "adapter_model.safetensors")
+        assert tensors.keys() == initial.keys(), checkpoint
+    checkpoint = load_file(tmp_path / "whole" / "checkpoint-6" / "adapter_model.safetensors")
+    resumed_final = load_file(tmp_path / "resumed" / "final" / "adapter_model.safetensors")
+    for key, value in final.items():
+        assert torch.equal(checkpoint[key], value), key
+        torch.testing.assert_close(resumed_final[key], value, rtol=1e-6, atol=1e-7)
+    assert all(not torch.equal(value, initial[key]) for key, value in final.items()), "trained, not the start"

@@ -4,10 +4,14 @@ lorakit runs on torch's own engines and adds no wrapper of its own. Under DDP ev
 under FSDP2 (`torch.distributed.fsdp.fully_shard`) each parameter is a `DTensor` of which a rank holds a shard.
 Two rules follow:
 
-- **Saving is a collective.** Every rank calls `save_adapter` (or `save_pretrained`): sharded parameters are
-  gathered (`DTensor.full_tensor`, which every rank must call in the same order), the ranks agree that each built
-  the files, rank 0 writes them atomically, and all ranks return once they are on disk, or all raise the same
-  `LoraError`. A rank that fails leaves the previous files as they were.
+- **Saving a sharded model is a collective.** Every rank calls `save_adapter` (or `save_pretrained`): sharded
+  parameters are gathered (`DTensor.full_tensor`, which every rank must call in the same order), the ranks agree
+  that each built the files, rank 0 writes them atomically, and all ranks return once they are on disk, or all
+  raise the same `LoraError`. A rank that fails leaves the previous files as they were.
+- **Saving an unsharded model** (DDP: every rank holds the whole adapter) needs no other rank: rank 0 writes and
+  the others return at once, with no communication. So it may be called on every rank or on rank 0 alone, as
+  transformers' `Trainer` and the usual `if rank == 0:` scripts do; a rank that reads the files must wait for
+  them (`dist.barrier()`).
 - **Loading into a sharded model** writes each rank's shard of the full tensor it read (`write_full`), with no
   communication: every rank reads the same file.
 
@@ -70,12 +74,18 @@ def sharded_parameters(model: nn.Module) -> list[str]:
     return [name for name, param in model.named_parameters() if is_sharded(param)]
 
 
-def on_every_rank(build: Callable[[], T], write: Callable[[T], None], what: str) -> None:
-    """`write(build())` as one collective step: every rank builds (`build` may itself run collectives, in the same
-    order on every rank), the ranks agree that all succeeded, rank 0 writes, and every rank returns after it or
-    raises the same `LoraError`. Without a process group of several ranks: `write(build())`."""
+def save_on_rank_zero(build: Callable[[], T], write: Callable[[T], None], what: str, gathers: bool) -> None:
+    """`write(build())`, written by rank 0 of a process group. With `gathers` (`build` gathers shards: collectives
+    that every rank must run, in the same order) it is one collective step: every rank builds, the ranks agree
+    that all succeeded, rank 0 writes, and every rank returns after it or raises the same `LoraError`. Without,
+    only rank 0 builds and writes, and the other ranks return at once. Outside a process group of several ranks:
+    `write(build())`."""
     if process_group_size() == 1:
         write(build())
+        return
+    if not gathers:
+        if dist.get_rank() == 0:
+            write(build())
         return
     built, failure = None, None
     try:

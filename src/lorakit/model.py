@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .distributed import is_sharded, sharded_parameters
+from .distributed import is_sharded, process_group_size, sharded_parameters
 from .errors import AdapterError, LoraError, MergeError
 from .layers import AdapterModule, LoraLayer, LoraLinear, LoraQuantizedLinear, lora_layer_type_for, weight_count
 from .layers.init_schemes import changes_base
@@ -240,7 +240,8 @@ class AdapterSavePretrained:
     `lorakit.merge_and_unload(model)` first, which gives the model its own `save_pretrained` back.
 
     Arguments are transformers' (`state_dict`, when given, supplies the adapter tensors, as `Trainer` does
-    under FSDP or DeepSpeed; `is_main_process=False` writes nothing) and peft's `selected_adapters`; weights
+    under FSDP or DeepSpeed; `is_main_process=False` writes nothing, though on an FSDP2-sharded model that rank
+    still joins the gathering of the shards, a collective) and peft's `selected_adapters`; weights
     are always safetensors, and `push_to_hub` is refused (save, then upload the directory).
     """
 
@@ -258,9 +259,23 @@ class AdapterSavePretrained:
         if push_to_hub:
             raise LoraError("save_pretrained(push_to_hub=True) is not supported on a lorakit model: save, then upload")
         directory = as_path(save_directory, "save_directory")
-        if is_main_process:
+        if is_main_process or self._joins_a_gather(selected_adapters, state_dict):
             save_pretrained(self.model, directory, selected_adapters, state_dict)
         return directory
+
+    def _joins_a_gather(
+        self, selected_adapters: Sequence[str] | str | None, state_dict: Mapping[str, torch.Tensor] | None
+    ) -> bool:
+        """Whether a rank that does not write must still join the save: it gathers FSDP2 shards, a collective."""
+        from .formats.peft import saving_gathers
+
+        if process_group_size() == 1:
+            return False
+        if selected_adapters is None:
+            names = list(lora_state(self.model).configs)
+        else:
+            names = [selected_adapters] if isinstance(selected_adapters, str) else list(selected_adapters)
+        return saving_gathers(self.model, names, state_dict)
 
 
 def _check_new_name(state: LoraState, name: object) -> None:

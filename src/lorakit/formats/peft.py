@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..config import PEFT_FIELDS_NOT_MODELED, LoraConfig
-from ..distributed import full_value, on_every_rank, unsharded_class
+from ..distributed import full_value, is_sharded, save_on_rank_zero, unsharded_class
 from ..errors import AdapterError, LoraError
 from ..layers import LoraEmbedding, LoraLayer, lora_layer_type_for
 from ..layers.init_schemes import changes_base
@@ -133,6 +133,28 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
 # ----- save ---------------------------------------------------------------------------------------------
 
 
+def _saved_tensors(
+    model: nn.Module, adapter_name: str, state_dict: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors a save of adapter `adapter_name` writes, keyed by peft name without the prefix: its parameters,
+    or with `state_dict` (keyed as `model.state_dict()`) their values in it."""
+    params = adapter_parameters(model, adapter_name)
+    if state_dict is None:
+        return dict(params)
+    names = {id(param): name for name, param in model.named_parameters(remove_duplicate=False)}
+    return {key: state_dict.get(names.get(id(param), ""), param) for key, param in params.items()}
+
+
+def saving_gathers(
+    model: nn.Module, adapter_names: Sequence[str], state_dict: Mapping[str, torch.Tensor] | None = None
+) -> bool:
+    """Whether saving these adapters gathers shards (some tensor to write is a `DTensor`), which makes the save a
+    collective that every rank must call."""
+    return any(
+        is_sharded(tensor) for name in adapter_names for tensor in _saved_tensors(model, name, state_dict).values()
+    )
+
+
 def adapter_files(
     model: nn.Module, adapter_name: str = "default", state_dict: Mapping[str, torch.Tensor] | None = None,
     convert_to_lora: bool = False,
@@ -142,10 +164,7 @@ def adapter_files(
     `convert_to_lora`, a PiSSA/OLoRA adapter is written as the plain LoRA of the original weights it equals."""
     from safetensors.torch import save as safetensors_bytes
 
-    params = adapter_parameters(model, adapter_name)
-    if state_dict is not None:
-        names = {id(param): name for name, param in model.named_parameters(remove_duplicate=False)}
-        params = {key: state_dict.get(names.get(id(param), ""), param) for key, param in params.items()}
+    params = _saved_tensors(model, adapter_name, state_dict)
     # whole tensors on the CPU; a sharded one is gathered from every rank (a collective, in this order everywhere)
     params = {key: full_value(value.detach()).to("cpu", copy=True) for key, value in params.items()}
     config = lora_state(model).configs[adapter_name]
@@ -197,7 +216,9 @@ def save_adapter(
     model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", convert_to_lora: bool = False
 ) -> Path:
     """Write adapter `adapter_name` to `directory` as peft does: `adapter_config.json` and
-    `adapter_model.safetensors`. Each file is replaced atomically; returns the directory's path.
+    `adapter_model.safetensors`. Each file is replaced atomically; returns the directory's path. In a process
+    group rank 0 writes: for an FSDP2-sharded adapter every rank must call it (it gathers the shards) and returns
+    once the files are on disk; for an unsharded one (DDP) the other ranks write nothing and return at once.
 
     `convert_to_lora=True`, for a PiSSA/OLoRA adapter (whose base keeps a residual): write it as the plain LoRA
     of the original base weights that it equals (rank 2r), which loads onto the unchanged base model anywhere
@@ -205,10 +226,11 @@ def save_adapter(
     directory = as_path(directory, "directory")
     if not isinstance(convert_to_lora, bool):
         raise LoraError(f"convert_to_lora must be True or False, got {convert_to_lora!r}")
-    on_every_rank(
+    save_on_rank_zero(
         lambda: adapter_files(model, adapter_name, convert_to_lora=convert_to_lora),
         lambda files: _write(directory, files),
         f"save_adapter to {directory}",
+        gathers=saving_gathers(model, [adapter_name]),
     )
     return directory
 
@@ -244,8 +266,8 @@ def save_pretrained(
             _write(directory if name == "default" else directory / name, contents)
 
     # everything built (and on several ranks, agreed) before anything is written
-    on_every_rank(lambda: {name: adapter_files(model, name, state_dict) for name in names}, write,
-                  f"save_pretrained to {directory}")  # fmt: skip
+    save_on_rank_zero(lambda: {name: adapter_files(model, name, state_dict) for name in names}, write,
+                      f"save_pretrained to {directory}", gathers=saving_gathers(model, names, state_dict))  # fmt: skip
     return directory
 
 

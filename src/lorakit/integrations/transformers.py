@@ -14,11 +14,15 @@ For another `Trainer` subclass (trl's `SFTTrainer`, say) mix it in: `class MyTra
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
 
+from ..distributed import sharded_parameters
 from ..errors import LoraError
 from ..hot_swap import load_pretrained_weights
 from ..model import is_lora_model, lora_state, trainable_parameters
@@ -39,6 +43,20 @@ class LoraTrainerMixin:
                 "trainable=True to train it."
             )
         return super().train(*args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        model = self.model
+        if not (is_lora_model(model) and sharded_parameters(model)):
+            return super().save_model(output_dir, _internal_call)
+        # FSDP2: every rank gathers the adapter's shards and rank 0 writes the whole adapter. Accelerate's own
+        # path would first gather the whole model into rank 0's memory (FULL_STATE_DICT), or write no adapter at
+        # all (SHARDED_STATE_DICT), and Trainer calls save_pretrained on rank 0 alone, which cannot gather.
+        output_dir = self.args.output_dir if output_dir is None else output_dir
+        model.save_pretrained(output_dir)
+        if self.args.should_save:
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = self.model if model is None else model
