@@ -5,7 +5,8 @@
 Each rank writes what it saw to OUT_DIR/rank<r>.json. On an FSDP2-sharded lorakit model:
 - a save that fails on rank 1 while building, or on rank 0 while writing, raises the same `LoraError` on every
   rank and leaves the previous adapter as it was;
-- merging, and adding an adapter after `fully_shard`, are refused with a `LoraError` that says what to do;
+- merging, unmerging a model merged before sharding, and adding an adapter after `fully_shard`, are refused
+  with a `LoraError` that says what to do;
 - `LoraTrainer.save_model` and transformers' `save_pretrained(is_main_process=...)`, called on every rank, write
   the whole adapter, as `save_adapter` does;
 - a meta-device start from a checkpoint that lacks a tensor is refused on every rank, nothing materialized.
@@ -17,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import TrainingArguments
@@ -97,6 +99,14 @@ def main() -> None:
     for directory in ("trainer-save", "save-pretrained"):
         written = files_of(out / directory)
         seen[f"{directory} as save_adapter"] = all(written[name] == adapter[name] for name in adapter)
+
+    merged = convert(build_model(bf16_base=False), Options())
+    lorakit.merge(merged)
+    shard(merged, bf16_base=False)
+    weight = merged.model.layers[0].self_attn.q_proj.base_layer.weight
+    before_unmerge = weight.full_tensor()
+    seen["unmerge after sharding"] = outcome(lambda: lorakit.unmerge(merged))
+    seen["still merged"] = torch.equal(weight.full_tensor(), before_unmerge)
 
     if rank == 0:  # a base checkpoint that lacks one tensor
         state = build_model(bf16_base=False).state_dict()

@@ -149,6 +149,8 @@ def test_failures_during_a_sharded_save_and_what_a_sharded_model_refuses(tmp_pat
         assert seen["trainer-save as save_adapter"] and seen["save-pretrained as save_adapter"]
         assert seen["merge"].startswith("MergeError: cannot merge") and "sharded" in seen["merge"]
         assert "FSDP2 cannot take new parameters after fully_shard" in seen["add after sharding"]
+        assert seen["unmerge after sharding"].startswith("MergeError: cannot unmerge 'model.layers.0.self_attn.q_proj'")
+        assert "Unmerge before sharding" in seen["unmerge after sharding"] and seen["still merged"]
         assert seen["materialize without a tensor"].startswith("LoraError: cannot materialize from ")
         lacking = "lacks ['model.layers.1.mlp.down_proj.weight'], which would be left on the meta"
         assert lacking in seen["materialize without a tensor"]

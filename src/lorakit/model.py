@@ -534,14 +534,21 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | str | None = None, sa
     _warn_if_requantizing_lost_updates(layers)
 
 
+_SHARDED_ADVICE = {
+    "merge": "Save the adapter (lorakit.save_adapter, on every rank) and merge it into an unsharded model in one "
+    "process, or merge before sharding",
+    "unmerge": "Unmerge before sharding; a model merged and then sharded can only be used as it is",
+}
+
+
 def _refuse_sharded(layer_name: str, layer: LoraLayer, what: str) -> None:
-    """Refuse `what` on a layer whose parameters are sharded (FSDP2's DTensors): it needs whole weights."""
+    """Refuse `what` ("merge", "unmerge") on a layer whose parameters are sharded (FSDP2's DTensors): it writes
+    whole weights."""
     sharded = [n for n, p in layer.named_parameters() if is_sharded(p)]
     if sharded:
         raise MergeError(
             f"cannot {what} {layer_name!r}: its parameters are sharded (FSDP2 DTensors: {sharded[0]}, ...), and "
-            "merging needs whole weights. Save the adapter (lorakit.save_adapter, on every rank) and merge it into "
-            "an unsharded model in one process, or merge before sharding"
+            f"{what} writes whole weights. {_SHARDED_ADVICE[what]}"
         )
 
 
@@ -581,7 +588,11 @@ def _check_not_tied(layer_name: str, layer: LoraLayer, owners: dict[int, list[st
 def unmerge(model: nn.Module) -> None:
     """Restore every merged weight bit for bit. A no-op on a model with nothing merged."""
     lora_state(model)
-    for _, layer in lora_layers(model):
+    layers = list(lora_layers(model))
+    for layer_name, layer in layers:
+        if layer.merged_adapters:
+            _refuse_sharded(layer_name, layer, "unmerge")
+    for _, layer in layers:
         layer.unmerge()
 
 
