@@ -47,6 +47,7 @@ class LoraState:
     trainable: dict[str, bool] = field(default_factory=dict)
     disabled: bool = False  # inside `disable_adapters`
     frozen_load_check: Any = None  # the hook of `watch_frozen_load`, while it watches
+    fused_path_hooks: dict[str, Any] = field(default_factory=dict)  # see `_keep_lora_forwards`
 
 
 def check_module(model: object) -> nn.Module:
@@ -155,7 +156,7 @@ def add_planned_adapter(
             "every rank before sharding; to load weights into an adapter the sharded model has, use "
             "lorakit.hot_swap_adapter"
         )
-    with undo_on_failure(model):
+    with undo_on_failure(model) as undo:
         parents = _parent_index(model)
         for target in targets:
             layer = target.module
@@ -172,6 +173,7 @@ def add_planned_adapter(
                 _replace(parents, module, wrapper)
                 module = wrapper
             module.add_adapter(adapter_name)
+        _keep_lora_forwards(model, state, undo)
         state.configs[adapter_name] = config
         state.trainable[adapter_name] = trainable
         if not was_lora:
@@ -182,6 +184,25 @@ def add_planned_adapter(
             if callable(getattr(model, "save_pretrained", None)):
                 model.save_pretrained = AdapterSavePretrained(model)
         _apply_state(model, state)
+
+
+def _keep_lora_forwards(model: nn.Module, state: LoraState, undo: list[Callable[[], object]]) -> None:
+    """Turn off torch's fused inference path of every `nn.TransformerEncoderLayer` that holds a LoRA layer.
+
+    That path (eval mode, no grad) reads the weights of the layer's `self_attn`, `linear1` and `linear2` and never
+    calls them, so their LoRA would be skipped without a word. torch does not take it while a forward hook is
+    attached to the layer or to one of its modules, so each such layer gets a no-op pre-hook, removed at unload."""
+    for name, module in model.named_modules():
+        if name in state.fused_path_hooks or not isinstance(module, nn.TransformerEncoderLayer):
+            continue
+        if any(isinstance(inner, LoraLayer) for inner in module.modules()):
+            hook = module.register_forward_pre_hook(_runs_the_lora_forwards)
+            state.fused_path_hooks[name] = hook
+            undo.append(hook.remove)
+
+
+def _runs_the_lora_forwards(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """A forward pre-hook that does nothing: its presence keeps torch on the module's plain forward."""
 
 
 @contextmanager
@@ -662,6 +683,8 @@ def _unwrap(model: nn.Module, keep_trained_copies: bool) -> nn.Module:
     state = lora_state(model)
     if state.frozen_load_check is not None:
         state.frozen_load_check.remove()
+    for hook in state.fused_path_hooks.values():
+        hook.remove()
     parents = _parent_index(model)
     for wrapper in list(_adapter_modules(model)):
         if isinstance(wrapper, LoraLayer):

@@ -105,12 +105,14 @@ def is_targeted(config: LoraConfig, name: str) -> bool:
 
 
 def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Named modules a target may be: LoRA layers themselves, never their insides or saved copies."""
+    """Named modules a target may be: LoRA layers themselves, never their insides or saved copies, and never the
+    insides of an `nn.MultiheadAttention` (its forward reads `out_proj`'s weight and never calls it, so LoRA there
+    would do nothing: target the attention module)."""
     skip: list[str] = []
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix) for prefix in skip):
             continue
-        if isinstance(module, (LoraLayer, ModulesToSave)):
+        if isinstance(module, (LoraLayer, ModulesToSave, nn.MultiheadAttention)):
             skip.append(name + ".")
             if isinstance(module, ModulesToSave):
                 continue

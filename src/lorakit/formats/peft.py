@@ -397,7 +397,7 @@ def _lora_tensor_of(key: str, candidates: dict[str, nn.Module]) -> tuple[str, st
         if module is None:
             continue
         layer_type = type(module) if isinstance(module, LoraLayer) else lora_layer_type_for(module)
-        if layer_type is not None and parts[cut] in layer_type.adapter_containers:
+        if layer_type is not None and layer_type.owns_suffix(".".join(parts[cut:])):
             return ".".join(parts[:cut]), ".".join(parts[cut:])
         return None  # the deepest module the key names: its tensor is not a LoRA one
     return None

@@ -7,6 +7,7 @@ import importlib
 from torch import nn
 
 from ..errors import LoraError
+from .attention import LoraMultiheadAttention
 from .base import AdapterModule, LoraLayer, adapter_dtype, adapter_factory
 from .conv import LoraConv
 from .embedding import LoraEmbedding
@@ -22,6 +23,7 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraMultiheadAttention",
     "LoraQuantizedLinear",
     "UpdateRetention",
     "adapter_dtype",
@@ -38,6 +40,7 @@ _LAYER_TYPES: dict[type[nn.Module], type[LoraLayer]] = {
     nn.Conv1d: LoraConv,
     nn.Conv2d: LoraConv,
     nn.Conv3d: LoraConv,
+    nn.MultiheadAttention: LoraMultiheadAttention,
 }
 
 

@@ -49,6 +49,25 @@ def adapter_factory(base_weight: torch.Tensor) -> dict[str, Any]:
     return {"device": device, "dtype": adapter_dtype(base_weight.dtype)}
 
 
+def reset_factors(a: nn.Module, b: nn.Module, init: bool | str, r: int) -> None:
+    """Initialise one low-rank pair, modules with a `.weight` (B maybe a `.bias`), of rank `r`, as
+    `LoraLayer.reset_adapter` says: `True` A kaiming-uniform(a=√5) and B = 0; `"gaussian"` A ~ N(0, 1/r) and
+    B = 0; `False` both random."""
+    if init is False:
+        nn.init.kaiming_uniform_(a.weight, a=5**0.5)
+        nn.init.kaiming_uniform_(b.weight, a=5**0.5)
+        if getattr(b, "bias", None) is not None:
+            nn.init.uniform_(b.bias, -0.1, 0.1)
+        return
+    if init == "gaussian":
+        nn.init.normal_(a.weight, std=1 / r)
+    else:
+        nn.init.kaiming_uniform_(a.weight, a=5**0.5)
+    nn.init.zeros_(b.weight)
+    if getattr(b, "bias", None) is not None:
+        nn.init.zeros_(b.bias)
+
+
 @runtime_checkable
 class AdapterModule(Protocol):
     """What the model-wide operations ask of a module that holds per-adapter parameters: a `LoraLayer`, or a
@@ -125,20 +144,7 @@ class LoraLayer(nn.Module):
     def reset_adapter(self, name: str, init: bool | str) -> None:
         """Initialise adapter `name`: `True` A kaiming-uniform(a=√5) and B = 0; `"gaussian"` A ~ N(0, 1/r)
         and B = 0; `False` both random. The default handles `lora_A`/`lora_B` modules with a `.weight`."""
-        a, b = self.lora_A[name], self.lora_B[name]
-        if init is False:
-            nn.init.kaiming_uniform_(a.weight, a=5**0.5)
-            nn.init.kaiming_uniform_(b.weight, a=5**0.5)
-            if getattr(b, "bias", None) is not None:
-                nn.init.uniform_(b.bias, -0.1, 0.1)
-            return
-        if init == "gaussian":
-            nn.init.normal_(a.weight, std=1 / self.r[name])
-        else:
-            nn.init.kaiming_uniform_(a.weight, a=5**0.5)
-        nn.init.zeros_(b.weight)
-        if getattr(b, "bias", None) is not None:
-            nn.init.zeros_(b.bias)
+        reset_factors(self.lora_A[name], self.lora_B[name], init, self.r[name])
 
     def add_adapter_output(self, result: Any, x: torch.Tensor, name: str) -> Any:
         """Return `result + s · B(A(dropout(x)))` for adapter `name`."""
@@ -190,6 +196,12 @@ class LoraLayer(nn.Module):
             else:
                 raise LoraError(f"{type(self).__name__}: no rank layout for {key!r}; override rank_layout")
         return layout
+
+    @classmethod
+    def owns_suffix(cls, suffix: str) -> bool:
+        """Whether a file tensor `<module path>.<suffix>` is one of this kind's adapter tensors (`suffix` as the
+        keys of `adapter_parameters`). The default: its first part is one of the `adapter_containers`."""
+        return suffix.split(".", 1)[0] in cls.adapter_containers
 
     @classmethod
     def rank_in_file(cls, shapes: dict[str, tuple[int, ...]]) -> int | None:
