@@ -351,8 +351,6 @@ REFUSED = {  # row id → why lorakit cannot do it (creating it raises a LoraErr
     "Conv2d Groups LoRA with DoRA": "DoRA on a grouped Conv2d (groups=8): lorakit's DoRA needs the update as a "
     "grouped convolution, which LoRA's is not",
     "Conv2d Groups2 LoRA with DoRA": "DoRA on a grouped Conv2d (groups=2): as above",
-    "MLP 1 using nn.Parameter LoRA": "target_parameters (LoRA on bare nn.Parameters); not built",
-    "MLP 2 using nn.Parameter LoRA": "target_parameters (LoRA on bare nn.Parameters); not built",
     "Vanilla MLP 1 LoRA with Monteclora": "MonteCLoRA (monteclora_config): sampled Monte-Carlo adapters; not built",
     "BD-LoRA A only": "BD-LoRA (use_bdlora): block-diagonal A or B; not built (refused even where nblocks=1)",
     "BD-LoRA B only": "BD-LoRA (use_bdlora): block-diagonal A or B; not built",
@@ -368,8 +366,6 @@ SAYS = {
     "Embedding + transformers Conv1D 1 LoRA trainable_tokens": "trainable_token_indices=",
     "Conv2d Groups LoRA with DoRA": "use_dora=True is not supported on a Conv2d with groups=8",
     "Conv2d Groups2 LoRA with DoRA": "use_dora=True is not supported on a Conv2d with groups=2",
-    "MLP 1 using nn.Parameter LoRA": "target_parameters=",
-    "MLP 2 using nn.Parameter LoRA": "target_parameters=",
     "Vanilla MLP 1 LoRA with Monteclora": "monteclora_config=",
     "BD-LoRA A only": "use_bdlora=",
     "BD-LoRA B only": "use_bdlora=",

@@ -47,7 +47,6 @@ PEFT_FIELDS_NOT_MODELED: dict[str, tuple[Any, bool]] = {
     "monteclora_config": (None, True),
     "qalora_group_size": (16, False),
     "revision": (None, False),
-    "target_parameters": (None, True),
     "trainable_token_indices": (None, True),
     "use_bdlora": (None, True),
     "use_qalora": (False, True),
@@ -83,6 +82,7 @@ class _LoraFields:
     lora_alpha: float = 8
     lora_dropout: float = 0.0
     target_modules: list[str] | str | None = None
+    target_parameters: list[str] | None = None
     exclude_modules: list[str] | str | None = None
     bias: str = "none"
     use_rslora: bool = False
@@ -127,6 +127,7 @@ class _LoraFields:
         if self.lora_bias and init not in (True, False):
             raise LoraConfigError(f"lora_bias=True needs init_lora_weights True or False (as peft), got {init!r}")
         self.target_modules = _name_list("target_modules", self.target_modules)
+        self._check_target_parameters()
         self.exclude_modules = _name_list("exclude_modules", self.exclude_modules)
         self.layers_pattern = _name_list("layers_pattern", self.layers_pattern)
         if self.modules_to_save is not None:
@@ -156,6 +157,25 @@ class _LoraFields:
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise LoraConfigError(f"{name} must be a string or None, got {getattr(self, name)!r}")
         self._check_patterns_compile()
+
+    def _check_target_parameters(self) -> None:
+        if self.target_parameters is None:
+            return
+        names = self.target_parameters
+        if isinstance(names, (set, frozenset, tuple)):
+            names = sorted(names) if isinstance(names, (set, frozenset)) else list(names)
+        if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
+            raise LoraConfigError(
+                f"target_parameters must be a list of parameter names (or name endings, 'experts.down_proj'), got "
+                f"{self.target_parameters!r}"
+            )
+        self.target_parameters = names or None
+        for option in ("lora_dropout", "lora_bias", "use_dora"):
+            if names and getattr(self, option):
+                raise LoraConfigError(
+                    f"{option}={getattr(self, option)!r} cannot apply to target_parameters (a weight update has no "
+                    "input to drop out, no output bias, no magnitude); peft refuses it too"
+                )
 
     def _check_patterns_compile(self) -> None:
         patterns = [("target_modules", self.target_modules), ("exclude_modules", self.exclude_modules)]
@@ -254,6 +274,11 @@ class LoraConfig(_LoraFields):
         target_modules: which modules to adapt. A string is a regex `re.fullmatch`ed against full module
             names; a list matches names exactly or by a `"." + entry` suffix; `"all-linear"` means every
             `Linear`/`Conv1D` except the output embedding. `None` uses the per-family defaults table.
+        target_parameters: parameters to adapt directly (peft's field), by full name or a `"." + entry`
+            ending (`"experts.gate_up_proj"`): 2-D weights and the 3-D expert stacks of mixture-of-experts
+            models, each expert with its own rank-r update (`layers/parameters.py`). No `lora_dropout`,
+            `lora_bias` or DoRA there. To adapt these parameters only, pass `target_modules=[]`: None still
+            means the family's default modules where lorakit knows the family (elsewhere none), as in peft.
         exclude_modules: same forms as `target_modules`; checked first.
         bias: `"none"`, `"all"` (train every bias) or `"lora_only"` (train the biases of adapted layers).
         use_rslora: use `s = lora_alpha / sqrt(r)`.

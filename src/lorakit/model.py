@@ -24,12 +24,27 @@ from torch import nn
 
 from .config import LoraConfig
 from .distributed import is_sharded, process_group_size, sharded_parameters
-from .errors import AdapterError, LoraError, MergeError
-from .layers import AdapterModule, LoraLayer, LoraLinear, LoraQuantizedLinear, lora_layer_type_for, weight_count
+from .errors import AdapterError, LoraError, MergeError, TargetError
+from .layers import (
+    AdapterModule,
+    LoraLayer,
+    LoraLinear,
+    LoraParameters,
+    LoraQuantizedLinear,
+    lora_layer_type_for,
+    weight_count,
+)
 from .layers.init_schemes import changes_base
 from .layers.linear import is_transformers_conv1d
 from .layers.modules_to_save import ModulesToSave
-from .targets import candidate_modules, find_targets, is_module_to_save, parameter_owners, resolve_config
+from .targets import (
+    candidate_modules,
+    find_parameter_targets,
+    find_targets,
+    is_module_to_save,
+    parameter_owners,
+    resolve_config,
+)
 
 BASE_ADAPTER_NAME = "__base__"  # reserved: "no adapter" in mixed batches
 _STATE_ATTR = "_lorakit_state"
@@ -108,12 +123,14 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig, trainab
 
 @dataclass(frozen=True)
 class AdapterTarget:
-    """A module an adapter goes on, with the rank and alpha it gets there."""
+    """A module an adapter goes on, with the rank and alpha it gets there; with `parameters`, the adapter goes on
+    those parameters of the module (`target_parameters`), not on the module as a layer."""
 
     name: str
     module: nn.Module
     r: int
     lora_alpha: float
+    parameters: tuple[str, ...] = ()
 
 
 def plan_targets(model: nn.Module, config: LoraConfig) -> tuple[LoraConfig, list[AdapterTarget]]:
@@ -123,8 +140,12 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> tuple[LoraConfig, list
     if not isinstance(config, LoraConfig):
         raise LoraError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
     config = resolve_config(model, config)
-    targets = find_targets(model, config)
-    return config, [AdapterTarget(n, module, config.rank_for(n), config.alpha_for(n)) for n, module in targets]
+    targets = [
+        AdapterTarget(n, module, config.rank_for(n), config.alpha_for(n)) for n, module in find_targets(model, config)
+    ]
+    for name, module, params in find_parameter_targets(model, config):
+        targets.append(AdapterTarget(name, module, config.r, config.lora_alpha, tuple(params)))
+    return config, targets
 
 
 def add_planned_adapter(
@@ -161,9 +182,14 @@ def add_planned_adapter(
         for target in targets:
             layer = target.module
             if not isinstance(layer, LoraLayer):
-                layer = lora_layer_type_for(target.module)(target.module)
+                if target.parameters:
+                    layer = LoraParameters(target.module, list(target.parameters))
+                else:
+                    layer = lora_layer_type_for(target.module)(target.module)
                 target.module.requires_grad_(False)
                 _replace(parents, target.module, layer)
+            else:
+                _check_same_parameters(target, layer)
             layer.add_adapter(adapter_name, target.r, target.lora_alpha, config)
             layer.train(layer.base_layer.training)  # new modules start in training mode; follow the model's
         for module in _find_modules_to_save(model, config):
@@ -184,6 +210,17 @@ def add_planned_adapter(
             if callable(getattr(model, "save_pretrained", None)):
                 model.save_pretrained = AdapterSavePretrained(model)
         _apply_state(model, state)
+
+
+def _check_same_parameters(target: AdapterTarget, layer: LoraLayer) -> None:
+    """A new adapter on a LoRA layer targets what its adapters target: the module, or the same parameters."""
+    has = layer.parameter_names if isinstance(layer, LoraParameters) else []
+    if list(target.parameters) != has:
+        what = f"its parameters {has}" if has else "the module"
+        wanted = f"its parameters {list(target.parameters)}" if target.parameters else "the module"
+        raise TargetError(
+            f"{target.name!r} has adapters on {what}; another adapter must target the same, not {wanted} (as in peft)"
+        )
 
 
 def _keep_lora_forwards(model: nn.Module, state: LoraState, undo: list[Callable[[], object]]) -> None:

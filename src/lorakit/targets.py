@@ -19,6 +19,7 @@ from .errors import TargetError
 from .layers import QUANTIZED_BASES, LoraLayer, lora_layer_type_for, quantization_of
 from .layers.linear import is_transformers_conv1d
 from .layers.modules_to_save import ModulesToSave
+from .layers.parameters import LoraParameters
 
 ALL_LINEAR = "all-linear"
 
@@ -37,6 +38,10 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "mpt": ["Wqkv"],
     "blip": ["qkv", "query", "value"],
     "gpt_bigcode": ["c_attn"],
+    # mixture-of-experts families: attention here; the experts' fused 3-D weights through target_parameters
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen3_moe": ["q_proj", "v_proj"],
+    "gpt_oss": ["q_proj", "v_proj"],
 }
 
 # Heads that "all-linear" leaves alone for sequence classification (peft's list).
@@ -180,6 +185,8 @@ def resolve_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
     against its tensors instead: `formats.peft.plan_from_file`.)"""
     if config.target_modules is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGET_MODULES and config.target_parameters:
+            return config.replace(target_modules=[])  # peft's rule: then the parameters alone
         if model_type not in DEFAULT_TARGET_MODULES:
             known = ", ".join(sorted(DEFAULT_TARGET_MODULES))
             raise TargetError(
@@ -234,14 +241,49 @@ def _span(indices: list[int]) -> str:
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
-    """The `(name, module)` pairs `config` targets; a clear `TargetError` if none or one is unsupported."""
+    """The `(name, module)` pairs `config` targets; a clear `TargetError` if none or one is unsupported
+    (`target_modules=[]` beside `target_parameters` targets no module)."""
     candidates = list(candidate_modules(model))
     targets = [(name, module) for name, module in candidates if is_targeted(config, name)]
+    if not targets and config.target_parameters and config.target_modules == []:
+        return []
     if not targets:
         raise TargetError(_nothing_matched(model, config, [name for name, _ in candidates]))
     for name, module in targets:
         check_adaptable(name, module)
     return targets
+
+
+def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module, list[str]]]:
+    """`(module name, module, its parameter names)` for `config.target_parameters`: the parameters a module holds
+    itself whose full name (`mlp.experts.down_proj`) is an entry or ends with `"." + entry`, as in peft. A
+    `TargetError` for an entry that matches nothing and for a module that `target_modules` adapts as well."""
+    entries = config.target_parameters or []
+    found, matched = [], set()
+    for name, module in candidate_modules(model):
+        holder = module.base_layer if isinstance(module, LoraParameters) else module
+        params = []
+        for param_name, _ in holder.named_parameters(recurse=False):
+            hits = [entry for entry in entries if _entry_matches(entry, f"{name}.{param_name}")]
+            matched.update(hits)
+            if hits:
+                params.append(param_name)
+        if not params:
+            continue
+        if is_targeted(config, name) or (isinstance(module, LoraLayer) and not isinstance(module, LoraParameters)):
+            raise TargetError(
+                f"module {name!r} is targeted as a module (target_modules, or an adapter already on it) and its "
+                f"parameters {params} by target_parameters; target one or the other"
+            )
+        found.append((name, module, params))
+    unmatched = [entry for entry in entries if entry not in matched]
+    if unmatched:
+        raise TargetError(
+            f"target_parameters entries {unmatched} matched no parameter of {type(model).__name__}'s modules (an "
+            "entry matches a parameter's full name, such as 'model.layers.0.mlp.experts.down_proj', or its ending "
+            "after a dot; a parameter of the top-level module cannot be targeted)"
+        )
+    return found
 
 
 def check_adaptable(name: str, module: nn.Module) -> None:

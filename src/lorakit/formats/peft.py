@@ -30,7 +30,7 @@ from torch import nn
 from ..config import PEFT_FIELDS_NOT_MODELED, LoraConfig
 from ..distributed import full_value, is_sharded, save_on_rank_zero, unsharded_class
 from ..errors import AdapterError, LoraError
-from ..layers import LoraEmbedding, LoraLayer, lora_layer_type_for
+from ..layers import LoraEmbedding, LoraLayer, LoraParameters, lora_layer_type_for
 from ..layers.init_schemes import changes_base
 from ..layers.modules_to_save import ModulesToSave
 from ..model import (
@@ -43,7 +43,14 @@ from ..model import (
     undo_on_failure,
     watch_frozen_load,
 )
-from ..targets import candidate_modules, check_adaptable, is_plain_pattern, is_targeted, resolve_config
+from ..targets import (
+    candidate_modules,
+    check_adaptable,
+    find_parameter_targets,
+    is_plain_pattern,
+    is_targeted,
+    resolve_config,
+)
 from .files import as_path, replace_files
 from .readers import (
     CONFIG_NAME,
@@ -342,10 +349,12 @@ def plan_from_file(
     explicit where they can be) and the targets in module order.
     """
     candidates = dict(candidate_modules(model))
+    # the file's config names its parameter targets; their tensors are checked against them like the others'
+    parameter_targets = {name: params for name, _, params in find_parameter_targets(model, config)}
     found: dict[str, dict[str, tuple[int, ...]]] = {}  # module path → {tensor suffix: shape}
     file_keys: dict[tuple[str, str], str] = {}  # (module path, suffix) → the key in the file, for messages
     for key, shape in weights.shapes.items():
-        located = _lora_tensor_of(key.removeprefix(PEFT_PREFIX), candidates)
+        located = _lora_tensor_of(key.removeprefix(PEFT_PREFIX), candidates, parameter_targets)
         if located is not None:
             found.setdefault(located[0], {})[located[1]] = shape
             file_keys[located] = key
@@ -355,6 +364,8 @@ def plan_from_file(
     ):
         config = resolve_config(model, config)  # the family table or the model's linear layers: no file pattern
     expected = _expected_targets(config, candidates)
+    if expected is not None:
+        expected |= parameter_targets.keys()
     problems = []
     if expected is not None:
         if found.keys() - expected:
@@ -370,6 +381,9 @@ def plan_from_file(
     targets = []
     for name, module in candidates.items():
         if name not in found:
+            continue
+        if name in parameter_targets:
+            targets.append(_parameter_target(name, module, parameter_targets[name], found[name], config, directory))
             continue
         check_adaptable(name, module)
         layer_type = type(module) if isinstance(module, LoraLayer) else lora_layer_type_for(module)
@@ -388,15 +402,38 @@ def plan_from_file(
     return config, targets
 
 
-def _lora_tensor_of(key: str, candidates: dict[str, nn.Module]) -> tuple[str, str] | None:
-    """`(module path, suffix)` when `key` is a LoRA tensor of a module LoRA can adapt (`<path>.<container>…`),
-    else None (a saved copy's or a trained bias's tensor, or a key the model does not know)."""
+def _parameter_target(
+    name: str, module: nn.Module, params: list[str], shapes: dict[str, tuple[int, ...]], config: LoraConfig,
+    directory: Path,
+) -> AdapterTarget:  # fmt: skip
+    """The target of a file's adapter on parameters `params` of module `name`, its rank read from the tensors."""
+    layer = module if isinstance(module, LoraParameters) else LoraParameters(module, params)
+    rank = layer.rank_in_module(shapes)
+    if rank != config.r:
+        first = layer.key_prefix(layer.parameter_names[0]) + "lora_A.weight"
+        raise LoraError(
+            f"adapter in {directory} does not fit the model: {name}.{first} has shape {list(shapes.get(first, []))}, "
+            f"and {name}'s parameter targets need {layer.shapes[layer.parameter_names[0]].experts}·r rows with "
+            f"r={config.r}"
+        )
+    return AdapterTarget(name, module, rank, config.lora_alpha, tuple(layer.parameter_names))
+
+
+def _lora_tensor_of(
+    key: str, candidates: dict[str, nn.Module], parameter_targets: dict[str, list[str]]
+) -> tuple[str, str] | None:
+    """`(module path, suffix)` when `key` is a LoRA tensor of a module LoRA can adapt (`<path>.<container>…`) or
+    of a module whose parameters the adapter targets, else None (a saved copy's or a trained bias's tensor, or a
+    key the model does not know)."""
     parts = key.split(".")
     for cut in range(len(parts) - 1, 0, -1):
         module = candidates.get(".".join(parts[:cut]))
         if module is None:
             continue
-        layer_type = type(module) if isinstance(module, LoraLayer) else lora_layer_type_for(module)
+        if ".".join(parts[:cut]) in parameter_targets:
+            layer_type = LoraParameters
+        else:
+            layer_type = type(module) if isinstance(module, LoraLayer) else lora_layer_type_for(module)
         if layer_type is not None and layer_type.owns_suffix(".".join(parts[cut:])):
             return ".".join(parts[:cut]), ".".join(parts[cut:])
         return None  # the deepest module the key names: its tensor is not a LoRA one

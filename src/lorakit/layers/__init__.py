@@ -12,6 +12,7 @@ from .base import AdapterModule, LoraLayer, adapter_dtype, adapter_factory
 from .conv import LoraConv
 from .embedding import LoraEmbedding
 from .linear import LoraLinear, is_transformers_conv1d
+from .parameters import LoraParameters
 from .quantized import QUANTIZED_BASES, LoraQuantizedLinear, UpdateRetention, quantization_of, weight_count
 from .stack import AdapterStack
 
@@ -24,6 +25,7 @@ __all__ = [
     "LoraLayer",
     "LoraLinear",
     "LoraMultiheadAttention",
+    "LoraParameters",
     "LoraQuantizedLinear",
     "UpdateRetention",
     "adapter_dtype",
