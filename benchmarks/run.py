@@ -8,8 +8,8 @@
 
 Benchmarks (one module each in benchmarks/, shared timing and tables in harness.py, presets in workloads.py):
 train, inference, merge, convert, memory, mixed_batch, xlora, quantized (LoRA on bitsandbytes nf4/int8 and torchao int8
-bases), dora. Contenders are interleaved over several rounds in one run and compared by per-round ratios; run it on a
-quiet machine, as anything else running skews the ratios.
+bases), dora, moe (a Mixtral-shaped model with its experts targeted). Contenders are interleaved over several rounds in
+one run and compared by per-round ratios; run it on a quiet machine, as anything else running skews the ratios.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import inference  # noqa: E402
 import memory  # noqa: E402
 import merge  # noqa: E402
 import mixed_batch  # noqa: E402
+import moe  # noqa: E402
 import quantized  # noqa: E402
 import train  # noqa: E402
 import xlora  # noqa: E402
@@ -54,6 +55,7 @@ BENCHMARKS: dict[str, Callable[[Preset], str]] = {
     "xlora": xlora.run,
     "quantized": quantized.run,
     "dora": dora.run,
+    "moe": moe.run,
 }
 
 
