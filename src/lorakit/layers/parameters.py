@@ -11,7 +11,8 @@ as peft defines them. With s = alpha / r:
 
 The module's forward reads its parameters however it likes (indexing one expert, a grouped matmul), so the forward
 runs the module's own forward on `W + ΔW` (`torch.func.functional_call`: gradients reach A and B, and no parameter
-is written); each active adapter's update is cast to the parameter's dtype and added in turn. Dropout cannot
+is written), each active adapter's update added in turn by one fused `baddbmm` (`addmm` for a 2-D weight) in the
+parameter's dtype, as peft does; merging adds ΔW computed in float32. Dropout cannot
 apply to a weight update (peft refuses `lora_dropout` here, and so does lorakit), nor can `lora_bias` or DoRA.
 
 peft wraps the module once per parameter, the first registered parameter innermost, so its keys are
@@ -57,6 +58,18 @@ class ParameterShape:
         per_expert_b = b.reshape(b.shape[0], -1, self.experts).permute(2, 0, 1)  # (E, out, r)
         delta = (per_expert_b @ per_expert_a) * scaling  # (E, out, in)
         return delta.transpose(1, 2) if self.transposed else delta
+
+    def added(self, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+        """`weight + ΔW` in one fused GEMM (`addmm`/`baddbmm`, the factors in the weight's dtype, as peft), which
+        never forms ΔW on its own: the forward's way, where ΔW would be as large as the expert stack."""
+        a, b = a.to(weight.dtype), b.to(weight.dtype)
+        if self.ndim == 2:
+            return torch.addmm(weight, b, a, alpha=scaling)
+        per_expert_a = a.reshape(self.experts, -1, a.shape[-1])  # (E, r, in)
+        per_expert_b = b.reshape(b.shape[0], -1, self.experts).permute(2, 0, 1)  # (E, out, r)
+        if self.transposed:  # weight (E, in, out) + (B_e A_e)ᵀ = A_eᵀ B_eᵀ
+            return torch.baddbmm(weight, per_expert_a.transpose(1, 2), per_expert_b.transpose(1, 2), alpha=scaling)
+        return torch.baddbmm(weight, per_expert_b, per_expert_a, alpha=scaling)
 
 
 class LoraParameters(LoraLayer):
@@ -140,8 +153,10 @@ class LoraParameters(LoraLayer):
             return self.base_layer(*args, **kwargs)
         weights = {name: self._base_param(name) for name in self.parameter_names}
         for adapter in self.forward_adapters:
-            for name, delta in self.delta_weights(adapter).items():
-                weights[name] = weights[name] + delta.to(weights[name].dtype)
+            s = self.scaling[adapter]
+            for name, shape in self.shapes.items():
+                a, b = self.lora_A[adapter][name].weight, self.lora_B[adapter][name].weight
+                weights[name] = shape.added(weights[name], a, b, s)
         return torch.func.functional_call(self.base_layer, weights, args, kwargs)
 
     def extra_repr(self) -> str:
