@@ -16,16 +16,14 @@ import harness
 import peft
 import torch
 from torch import nn
-from train import floor_step, lora_step
+from train import HEADERS, rows_per_dtype, time_steps
 from transformers import MixtralConfig, MixtralModel
-from workloads import Preset, default_dtype, embeds, torch_dtype
+from workloads import Preset, default_dtype, embeds
 
 import lorakit
 
 EXPERTS, TOP_K = 8, 2
 TARGET_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
-HEADERS = ("dtype", "floor ms", "lorakit ms", "peft ms", "lorakit / floor", "peft / floor", "lorakit / peft")
-RATIOS = (("lorakit", "floor"), ("peft", "floor"), ("lorakit", "peft"))
 
 
 def config_of(preset: Preset) -> MixtralConfig:
@@ -45,26 +43,17 @@ def build_moe(preset: Preset, dtype: torch.dtype) -> nn.Module:
 
 
 def measure(preset: Preset, dtype: torch.dtype) -> dict[str, list[float]]:
+    """Per-round median step seconds of floor, lorakit and peft in `dtype`."""
     base = build_moe(preset, dtype)
     options = {"r": preset.rank, "lora_alpha": preset.alpha, "target_modules": "all-linear",
                "target_parameters": TARGET_PARAMETERS}  # fmt: skip
     lk = lorakit.get_lora_model(copy.deepcopy(base), lorakit.LoraConfig(**options))
     pf = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**options))
-    inputs = embeds(preset, dtype)
-    contenders = {"floor": floor_step(base, inputs), "lorakit": lora_step(lk, inputs), "peft": lora_step(pf, inputs)}
-    return harness.interleaved(
-        contenders, rounds=preset.rounds, repeats=preset.repeats, warmup=preset.warmup, device=preset.device
-    )
+    return time_steps(preset, base, lk, pf, embeds(preset, dtype))
 
 
 def run(preset: Preset) -> str:
     """The MoE section: one train-step row per dtype of the preset."""
-    rows = []
-    for dtype_name in preset.dtypes:
-        times = measure(preset, torch_dtype(dtype_name))
-        harness.free_memory(preset.device)
-        ms = [harness.fmt_ms(harness.median_ms(times[name])) for name in ("floor", "lorakit", "peft")]
-        rows.append([dtype_name, *ms, *(harness.ratio(times[a], times[b]) for a, b in RATIOS)])
     config = config_of(preset)
     return (
         "### Mixture of experts: train step with the experts targeted\n\n"
@@ -73,5 +62,5 @@ def run(preset: Preset) -> str:
         f"all linear layers and `target_parameters={TARGET_PARAMETERS}`, {preset.batch}×{preset.seq} tokens; loss = "
         "mean square of the last hidden state. floor = frozen base, forward + backward to the input activations "
         f"only; lorakit / peft = forward + backward + AdamW step. {preset.rounds} rounds × {preset.repeats} steps, "
-        "interleaved.\n\n" + harness.table(HEADERS, rows)
+        "interleaved.\n\n" + harness.table(HEADERS, rows_per_dtype(preset, measure))
     )

@@ -52,25 +52,39 @@ def measure(preset: Preset, dtype: torch.dtype) -> dict[str, list[float]]:
     base = build_base(preset, dtype)
     lk = lorakit_model(copy.deepcopy(base), preset)
     pf = peft_model(copy.deepcopy(base), preset)
-    inputs = embeds(preset, dtype)
+    return time_steps(preset, base, lk, pf, embeds(preset, dtype))
+
+
+def time_steps(
+    preset: Preset, base: nn.Module, lk: nn.Module, pf: nn.Module, inputs: torch.Tensor
+) -> dict[str, list[float]]:
+    """Per-round median step seconds of the floor on `base` and the LoRA steps of `lk` and `pf`, interleaved."""
     contenders = {"floor": floor_step(base, inputs), "lorakit": lora_step(lk, inputs), "peft": lora_step(pf, inputs)}
     return harness.interleaved(
         contenders, rounds=preset.rounds, repeats=preset.repeats, warmup=preset.warmup, device=preset.device
     )
 
 
-def run(preset: Preset) -> str:
-    """The train-step section: one table row per dtype of the preset."""
+def rows_per_dtype(
+    preset: Preset, measure_dtype: Callable[[Preset, torch.dtype], dict[str, list[float]]]
+) -> list[list[object]]:
+    """One `HEADERS` row per dtype of the preset, from `measure_dtype(preset, dtype)`'s times."""
     rows = []
     for dtype_name in preset.dtypes:
-        times = measure(preset, torch_dtype(dtype_name))
+        times = measure_dtype(preset, torch_dtype(dtype_name))
         harness.free_memory(preset.device)
         ratios = [harness.ratio(times[a], times[b]) for a, b in RATIOS]
         ms = [harness.fmt_ms(harness.median_ms(times[name])) for name in ("floor", "lorakit", "peft")]
         rows.append([dtype_name, *ms, *ratios])
+    return rows
+
+
+def run(preset: Preset) -> str:
+    """The train-step section: one table row per dtype of the preset."""
     return (
         "### Train step\n\n"
         f"{preset.describe()}; loss = mean square of the last hidden state. floor = frozen base, forward + "
         "backward to the input activations only; lorakit / peft = forward + backward + AdamW step. "
-        f"{preset.rounds} rounds × {preset.repeats} steps, interleaved.\n\n" + harness.table(HEADERS, rows)
+        f"{preset.rounds} rounds × {preset.repeats} steps, interleaved.\n\n"
+        + harness.table(HEADERS, rows_per_dtype(preset, measure))
     )
