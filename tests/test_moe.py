@@ -218,3 +218,24 @@ def test_what_parameter_targets_refuse():
         lorakit.mixed_batch(model, ["default", "default"]),
     ):
         model(input_ids=batch())
+
+
+def test_rank_and_alpha_patterns_match_the_parameters_full_names(tmp_path):
+    """As in peft: `rank_pattern`/`alpha_pattern` keys match `….experts.gate_up_proj`, the parameter's name."""
+    patterns = {"rank_pattern": {"experts.gate_up_proj": 6, "experts.down_proj": 6},
+                "alpha_pattern": {"experts.gate_up_proj": 3, "experts.down_proj": 3}}  # fmt: skip
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=EXPERTS,
+                             init_lora_weights=False, **patterns)  # fmt: skip
+    torch.manual_seed(2)
+    theirs = peft.get_peft_model(build("mixtral"), config)
+    theirs.save_pretrained(tmp_path)
+    ours = lorakit.load_adapter(build("mixtral"), tmp_path)
+    experts = ours.model.layers[0].mlp.experts
+    assert (experts.r["default"], experts.lora_alpha["default"]) == (6, 3)
+    assert ours.model.layers[0].self_attn.q_proj.r["default"] == 4
+    torch.testing.assert_close(logits(ours, batch()), logits(theirs, batch()), rtol=1e-5, atol=1e-5)
+    direct = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=EXPERTS, **patterns)
+    assert lorakit.get_lora_model(build("mixtral"), direct).model.layers[1].mlp.experts.r["default"] == 6
+    uneven = lorakit.LoraConfig(target_modules=[], target_parameters=EXPERTS, rank_pattern={"experts.down_proj": 2})
+    with pytest.raises(lorakit.TargetError, match="one rank and one alpha"):
+        lorakit.get_lora_model(build("mixtral"), uneven)

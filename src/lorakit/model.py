@@ -144,8 +144,22 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> tuple[LoraConfig, list
         AdapterTarget(n, module, config.rank_for(n), config.alpha_for(n)) for n, module in find_targets(model, config)
     ]
     for name, module, params in find_parameter_targets(model, config):
-        targets.append(AdapterTarget(name, module, config.r, config.lora_alpha, tuple(params)))
+        r, alpha = parameter_rank_and_alpha(config, name, params)
+        targets.append(AdapterTarget(name, module, r, alpha, tuple(params)))
     return config, targets
+
+
+def parameter_rank_and_alpha(config: LoraConfig, module_name: str, params: Sequence[str]) -> tuple[int, float]:
+    """The rank and alpha of the adapter on parameters `params` of `module_name`: `rank_pattern` and
+    `alpha_pattern` match the parameters' full names, as in peft, and must give them all the same values."""
+    keys = [f"{module_name}.{param}" for param in params]
+    ranks, alphas = {config.rank_for(key) for key in keys}, {config.alpha_for(key) for key in keys}
+    if len(ranks) > 1 or len(alphas) > 1:
+        raise TargetError(
+            f"rank_pattern/alpha_pattern give the parameters {list(params)} of {module_name!r} ranks {sorted(ranks)} "
+            f"and alphas {sorted(alphas)}; lorakit gives the parameters of one module one rank and one alpha"
+        )
+    return ranks.pop(), alphas.pop()
 
 
 def add_planned_adapter(

@@ -40,6 +40,7 @@ from ..model import (
     check_module,
     lora_layers,
     lora_state,
+    parameter_rank_and_alpha,
     undo_on_failure,
     watch_frozen_load,
 )
@@ -409,14 +410,15 @@ def _parameter_target(
     """The target of a file's adapter on parameters `params` of module `name`, its rank read from the tensors."""
     layer = module if isinstance(module, LoraParameters) else LoraParameters(module, params)
     rank = layer.rank_in_module(shapes)
-    if rank != config.r:
+    wanted, alpha = parameter_rank_and_alpha(config, name, layer.parameter_names)
+    if rank != wanted:
         first = layer.key_prefix(layer.parameter_names[0]) + "lora_A.weight"
         raise LoraError(
             f"adapter in {directory} does not fit the model: {name}.{first} has shape {list(shapes.get(first, []))}, "
             f"and {name}'s parameter targets need {layer.shapes[layer.parameter_names[0]].experts}·r rows with "
-            f"r={config.r}"
+            f"r={wanted}"
         )
-    return AdapterTarget(name, module, rank, config.lora_alpha, tuple(layer.parameter_names))
+    return AdapterTarget(name, module, rank, alpha, tuple(layer.parameter_names))
 
 
 def _lora_tensor_of(
