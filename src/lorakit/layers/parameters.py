@@ -50,12 +50,17 @@ class ParameterShape:
             )
         self.ndim = param.ndim
 
+    def per_expert(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(B_e, A_e)` stacked over the experts: `(E, out, r)` and `(E, r, in)`."""
+        per_expert_a = a.reshape(self.experts, -1, a.shape[-1])
+        per_expert_b = b.reshape(b.shape[0], -1, self.experts).permute(2, 0, 1)
+        return per_expert_b, per_expert_a
+
     def delta(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
         """ΔW from A `(E·r, in)` and B `(out, E·r)`, in the parameter's layout."""
         if self.ndim == 2:
             return (b @ a) * scaling
-        per_expert_a = a.reshape(self.experts, -1, a.shape[-1])  # (E, r, in)
-        per_expert_b = b.reshape(b.shape[0], -1, self.experts).permute(2, 0, 1)  # (E, out, r)
+        per_expert_b, per_expert_a = self.per_expert(a, b)
         delta = (per_expert_b @ per_expert_a) * scaling  # (E, out, in)
         return delta.transpose(1, 2) if self.transposed else delta
 
@@ -65,8 +70,7 @@ class ParameterShape:
         a, b = a.to(weight.dtype), b.to(weight.dtype)
         if self.ndim == 2:
             return torch.addmm(weight, b, a, alpha=scaling)
-        per_expert_a = a.reshape(self.experts, -1, a.shape[-1])  # (E, r, in)
-        per_expert_b = b.reshape(b.shape[0], -1, self.experts).permute(2, 0, 1)  # (E, out, r)
+        per_expert_b, per_expert_a = self.per_expert(a, b)
         if self.transposed:  # weight (E, in, out) + (B_e A_e)ᵀ = A_eᵀ B_eᵀ
             return torch.baddbmm(weight, per_expert_a.transpose(1, 2), per_expert_b.transpose(1, 2), alpha=scaling)
         return torch.baddbmm(weight, per_expert_b, per_expert_a, alpha=scaling)
